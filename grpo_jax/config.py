@@ -1,0 +1,487 @@
+"""The one typed config of a grpo_jax run: frozen dataclasses mirrored by YAML.
+
+Every YAML key is a dataclass field. A run config is built from the defaults
+below, then a YAML file, then dotted command-line overrides (`--grpo.beta=0.04`),
+merged and type-checked by OmegaConf, then checked for combinations that make no
+sense. Each field's docstring (the string under it) is its `--help` text.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DType = Literal["float32", "bfloat16"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; its message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    """HF hub id or local folder (config.json + *.safetensors + tokenizer files)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer hub id or folder; defaults to `path`."""
+    param_dtype: DType = "float32"
+    """dtype the weights are stored and updated in."""
+    compute_dtype: DType = "float32"
+    """dtype of matmuls and activations; log-probs and losses are always float32."""
+    remat: Literal["none", "full", "dots_saveable", "nothing_saveable"] = "none"
+    """Gradient checkpointing policy of each decoder layer ("none" keeps all activations)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    group_size: int = 8
+    """G: completions sampled per prompt; advantages compare them within the group."""
+    max_prompt_length: int = 256
+    """Prompts longer than this are truncated or dropped (data.overlong_prompts)."""
+    max_completion_length: int = 256
+    """N: most tokens generated per completion."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with mass >= top_p (1: off)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p x the top token's (0: off)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra stop tokens besides the tokenizer's EOS (e.g. a chat end-of-turn id)."""
+    prompt_length_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+    """Prompts are padded up to the next bucket so a run compiles a handful of programs."""
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    beta: float = 0.04
+    """KL penalty coefficient (k3 estimator against the frozen reference); 0 skips the reference model."""
+    epsilon: float = 0.2
+    """Lower clip range: the ratio is clipped at 1 - epsilon."""
+    epsilon_high: Optional[float] = None
+    """Upper clip range (DAPO clip-higher); defaults to epsilon."""
+    delta: Optional[float] = None
+    """Dual clip: cap the unclipped ratio at delta (must exceed 1 + epsilon_high); off when null."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    """How token losses are averaged, as TRL defines them."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """"token": one ratio per token (GRPO); "sequence": one ratio per completion (GSPO)."""
+    scale_rewards: Literal["group", "batch", "none", "rloo"] = "group"
+    """Advantage: (r - group mean) / std of the group, of the batch, not scaled (Dr. GRPO), or leave-one-out (RLOO)."""
+    advantage_eps: float = 1e-4
+    """Added to the std before dividing."""
+    num_iterations: int = 1
+    """mu: optimisation passes over each generation batch (>1 makes the ratio differ from 1)."""
+    num_minibatches: int = 1
+    """Split each generation batch into this many minibatches per pass."""
+    mask_truncated_completions: bool = False
+    """Exclude completions that hit max_completion_length without a stop token from the loss (DAPO)."""
+
+    @property
+    def epsilon_upper(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw"
+    """optax optimizer."""
+    learning_rate: float = 1e-6
+    """Peak learning rate."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Decay after warmup, to 0 at run.steps."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to learning_rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    b1: float = 0.9
+    """Adam beta1."""
+    b2: float = 0.99
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: Optional[float] = 1.0
+    """Clip gradients to this global norm; null disables."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "arithmetic"
+    """A built-in task name, `jsonl`, `parquet`, `tfds:NAME`, or `reasoning_gym:NAME`."""
+    path: Optional[str] = None
+    """File or folder for the jsonl / parquet sources."""
+    split: str = "train"
+    """Split to train on."""
+    eval_split: Optional[str] = "test"
+    """Held-out split for evaluation (null: none)."""
+    prompt_column: str = "question"
+    """Column holding the prompt text."""
+    answer_column: str = "answer"
+    """Column holding the reference answer, passed to reward functions."""
+    batch_size: int = 8
+    """B: prompts per step; each yields group_size completions."""
+    system_prompt: Optional[str] = None
+    """System prompt text, or a preset name such as `r1`."""
+    chat_template: bool = True
+    """Wrap prompts in the tokenizer's chat template (when it has one)."""
+    overlong_prompts: Literal["truncate_left", "drop"] = "truncate_left"
+    """What to do with prompts longer than rollout.max_prompt_length."""
+    shuffle: bool = True
+    """Shuffle each epoch with run.seed."""
+
+
+@dataclass(frozen=True)
+class RewardsConfig:
+    functions: tuple[str, ...] = ("accuracy", "format")
+    """Registry names or `package.module:function` references."""
+    weights: tuple[float, ...] = ()
+    """One weight per function; empty means all 1."""
+    on_error: Literal["stop", "none"] = "stop"
+    """A reward function that raises: stop the run after a checkpoint, or count the reward as None."""
+    num_workers: int = 4
+    """Threads scoring completions on the host while the device works."""
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1
+    """Data-parallel axis size (-1: all devices left over)."""
+    fsdp: int = 1
+    """Fully sharded data-parallel axis size (params and optimizer state sharded)."""
+    tensor: int = 1
+    """Tensor-parallel axis size (heads and MLP sharded)."""
+    coordinator_address: Optional[str] = None
+    """host:port of process 0 for multi-host runs (auto-detected on TPU VMs)."""
+    num_processes: Optional[int] = None
+    """Processes in a multi-host run (auto-detected on TPU VMs)."""
+    process_id: Optional[int] = None
+    """This process's index in a multi-host run (auto-detected on TPU VMs)."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 50
+    """Save every N steps (and at the end); 0 saves only at the end."""
+    keep: int = 3
+    """Keep the last N checkpoints."""
+    keep_best_metric: Optional[str] = None
+    """Also keep the best checkpoint by this eval metric (e.g. eval/accuracy)."""
+    async_save: bool = True
+    """Write checkpoints in the background while training continues."""
+    resume: bool = True
+    """Resume from the latest complete checkpoint in run.output_dir."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every_steps: int = 1
+    """Log metrics every N steps."""
+    jsonl: bool = True
+    """Write metrics.jsonl in the run dir."""
+    tensorboard: bool = False
+    """Write TensorBoard event files in the run dir."""
+    log_completions: int = 2
+    """Sample completions printed at each log step."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "grpo"
+    """Run name, used in logs."""
+    seed: int = 0
+    """Seed for params init, data order and sampling."""
+    steps: int = 100
+    """GRPO steps (generation batches) to run."""
+    output_dir: str = "runs/grpo"
+    """Where the resolved config, metrics, plots and checkpoints go."""
+    eval_every: int = 0
+    """Evaluate on data.eval_split every N steps (0: only at start and end)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- `section.key=value` overrides, validated.
+
+    Raises ConfigError with a one-line message for unknown keys (naming the
+    nearest valid key), wrong types (naming the field and expected type) and
+    invalid combinations.
+    """
+    merged = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        layers.append((_read_yaml(path), str(path)))
+    if overrides:
+        layers.append((_parse_overrides(overrides), None))
+    for layer, source in layers:
+        _check_keys(OmegaConf.to_container(layer), source)
+        try:  # one layer at a time, so an error names where the bad value came from
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_explain(e, source)) from None
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, source=None)) from None
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path) -> Any:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model:, grpo:, ...), got {type(data).__name__}")
+    return OmegaConf.create(data)
+
+
+def _parse_overrides(overrides: Sequence[str]) -> Any:
+    """`--a.b=c`, `a.b=c` or the pair `--a.b c` -> an OmegaConf dotlist."""
+    dotlist, items, i = [], list(overrides), 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--") and "=" not in item:
+            raise ConfigError(f"unexpected argument {item!r}: config overrides look like --section.key=value")
+        key = item[2:] if item.startswith("--") else item
+        if "=" not in key:
+            if i + 1 >= len(items) or items[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+            key, i = f"{key}={items[i + 1]}", i + 1
+        name = key.split("=", 1)[0]
+        if "." not in name:
+            raise ConfigError(_unknown_key_message(name))
+        dotlist.append(key)
+        i += 1
+    try:
+        return OmegaConf.from_dotlist(dotlist)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, source=None)) from None
+
+
+def _check_keys(tree: dict, source) -> None:
+    """Unknown keys, named by their full dotted path, before OmegaConf sees them."""
+    where = f"{source}: " if source else ""
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    for section, values in tree.items():
+        if section not in sections:
+            leaf = next(iter(values), None) if isinstance(values, dict) and values else None
+            raise ConfigError(where + _unknown_key_message(f"{section}.{leaf}" if leaf else str(section)))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}{section}: expected a mapping of keys, got {values!r}")
+        names = {f.name for f in dataclasses.fields(sections[section])}
+        for key in values:
+            if key not in names:
+                raise ConfigError(where + _unknown_key_message(f"{section}.{key}"))
+
+
+def _explain(e: OmegaConfBaseException, source) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    where = f"{source}: " if source else ""
+    if "not in" in first or type(e).__name__ == "ConfigKeyError":
+        return where + _unknown_key_message(key)
+    expected = _expected_type(key)
+    if expected and "expected" not in first:
+        return f"{where}{key}: {first.rstrip('.')}; expected {expected}"
+    return f"{where}{key}: {first}"
+
+
+def _unknown_key_message(key: str) -> str:
+    keys = all_keys()
+    matches = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not matches:  # a right key in the wrong section: compare the last part only
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+        near = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        matches = [by_leaf[near[0]]] if near else []
+    if not matches:  # maybe a section name
+        sections = [f.name for f in dataclasses.fields(Config)]
+        near = difflib.get_close_matches(key.split(".")[0], sections, n=1, cutoff=0.5)
+        matches = near
+    hint = f"; did you mean {matches[0]}?" if matches else "; see `python -m launch train --help`"
+    return f"unknown config key {key}{hint}"
+
+
+@lru_cache(maxsize=None)
+def all_keys() -> tuple[str, ...]:
+    """Every valid dotted key, e.g. `grpo.beta`."""
+    return tuple(f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default_factory))
+
+
+def _field(key: str):
+    section, _, name = key.partition(".")
+    for s in dataclasses.fields(Config):
+        if s.name == section:
+            for f in dataclasses.fields(s.default_factory):
+                if f.name == name:
+                    return s.default_factory, f
+    return None, None
+
+
+def _expected_type(key: str) -> Optional[str]:
+    cls, f = _field(key)
+    return None if f is None else _type_name(typing.get_type_hints(cls)[f.name])
+
+
+def _type_name(tp) -> str:
+    """`Optional[float]` -> "float or null", `Literal['a', 'b']` -> "one of a|b"."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is Literal:
+        return "one of " + "|".join(map(str, args))
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if typing.get_origin(tp) is tuple:
+        return f"list of {_type_name(args[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Combinations that type checks cannot catch; each says why it is wrong."""
+    r, g, o, d = cfg.rollout, cfg.grpo, cfg.optim, cfg.data
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    need(r.group_size >= 2, f"rollout.group_size={r.group_size}: GRPO compares completions within a group, so it needs at least 2")
+    need(r.max_prompt_length > 0, "rollout.max_prompt_length must be positive")
+    need(r.max_completion_length > 0, "rollout.max_completion_length must be positive")
+    need(r.temperature >= 0, f"rollout.temperature={r.temperature} must be >= 0 (0 is greedy)")
+    need(r.top_k >= 0, f"rollout.top_k={r.top_k} must be >= 0 (0 turns it off)")
+    need(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
+    need(0 <= r.min_p < 1, f"rollout.min_p={r.min_p} must be in [0, 1)")
+    need(all(t >= 0 for t in r.stop_token_ids), "rollout.stop_token_ids must be token ids (>= 0)")
+    need(bool(r.prompt_length_buckets) and list(r.prompt_length_buckets) == sorted(set(r.prompt_length_buckets))
+         and r.prompt_length_buckets[0] > 0, "rollout.prompt_length_buckets must be positive and strictly increasing")
+    need(g.beta >= 0, f"grpo.beta={g.beta} must be >= 0 (0 disables the KL penalty)")
+    need(g.epsilon > 0, f"grpo.epsilon={g.epsilon} must be > 0: it is the width of the clip range")
+    need(g.epsilon < 1, f"grpo.epsilon={g.epsilon} must be < 1, or the lower clip bound 1 - epsilon is not positive")
+    need(g.epsilon_high is None or g.epsilon_high > 0, f"grpo.epsilon_high={g.epsilon_high} must be > 0")
+    need(g.delta is None or g.delta > 1 + g.epsilon_upper,
+         f"grpo.delta={g.delta} must exceed 1 + epsilon_high = {1 + g.epsilon_upper}, or it caps ratios the clip already allows")
+    need(g.advantage_eps >= 0, "grpo.advantage_eps must be >= 0")
+    need(g.num_iterations >= 1, "grpo.num_iterations must be >= 1")
+    need(g.num_minibatches >= 1, "grpo.num_minibatches must be >= 1")
+    need((d.batch_size * r.group_size) % g.num_minibatches == 0,
+         f"data.batch_size x rollout.group_size = {d.batch_size * r.group_size} completions do not split into "
+         f"grpo.num_minibatches={g.num_minibatches} equal minibatches")
+    need(d.batch_size >= 1, "data.batch_size must be >= 1")
+    need(o.learning_rate >= 0, "optim.learning_rate must be >= 0")
+    need(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    need(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be > 0 or null")
+    need(not cfg.rewards.functions == (), "rewards.functions is empty: GRPO needs at least one reward function")
+    need(not cfg.rewards.weights or len(cfg.rewards.weights) == len(cfg.rewards.functions),
+         f"rewards.weights has {len(cfg.rewards.weights)} entries for {len(cfg.rewards.functions)} rewards.functions")
+    need(cfg.rewards.num_workers >= 1, "rewards.num_workers must be >= 1")
+    m = cfg.mesh
+    for axis in ("data", "fsdp", "tensor"):
+        size = getattr(m, axis)
+        need(size == -1 or size >= 1, f"mesh.{axis}={size} must be >= 1, or -1 for the devices left over")
+    need([m.data, m.fsdp, m.tensor].count(-1) <= 1, "only one mesh axis may be -1")
+    need(cfg.run.steps >= 0, "run.steps must be >= 0")
+    need(cfg.checkpoint.every_steps >= 0 and cfg.checkpoint.keep >= 1, "checkpoint.every_steps must be >= 0 and checkpoint.keep >= 1")
+    need(cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1")
+
+
+# ---------------------------------------------------------------- output
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, directory: str | os.PathLike) -> str:
+    """Write the resolved config as `config.yaml`; loading it back gives the same Config."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (its --help text)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_fields() -> str:
+    """Every config key with its type, default and docstring, for --help."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        lines.append(f"{section.name}:")
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        default = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(default, f.name)
+            lines.append(f"  --{section.name}.{f.name}={_show(value)}  ({_type_name(hints[f.name])})")
+            if f.name in docs:
+                lines.append(f"      {docs[f.name]}")
+    return "\n".join(lines)
+
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)

@@ -1,0 +1,224 @@
+"""The GRPO objective: group-relative advantages, token log-probs, the clipped loss.
+
+Pure functions of arrays, jit-able, float32 math whatever the input dtype.
+Shapes: `B` completions (prompts x group size), `N` completion length, `V` vocab.
+The loss follows TRL's `GRPOTrainer` term for term, so numbers can be compared.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+SCALES = ("group", "batch", "none", "rloo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def group_advantages(rewards: jax.Array, group_size: int, scale: str = "group", eps: float = 1e-4) -> jax.Array:
+    """Advantages [B*G] of rewards [B*G] whose groups of `group_size` are contiguous.
+
+    scale:
+      "group": (r - group mean) / (group std + eps)   (GRPO; std with Bessel's N-1, as TRL)
+      "batch": (r - group mean) / (batch std + eps)   (Understanding R1-Zero / TRL "batch")
+      "none":  r - group mean                          (Dr. GRPO: no std division)
+      "rloo":  r - mean of the other G-1 rewards       (leave-one-out, = G/(G-1) (r - mean))
+    A group whose rewards are all equal carries no signal: its advantages are exactly 0.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale={scale!r}: expected one of {', '.join(SCALES)}")
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size}: a group needs at least 2 completions")
+    if rewards.ndim != 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"rewards of shape {rewards.shape} do not split into groups of {group_size}")
+    r = rewards.astype(jnp.float32)
+    groups = r.reshape(-1, group_size)
+    centered = groups - groups.mean(axis=1, keepdims=True)
+    if scale == "group":
+        std = jnp.sqrt(jnp.sum(centered**2, axis=1, keepdims=True) / (group_size - 1))
+        adv = centered / (std + eps)
+    elif scale == "batch":
+        adv = centered / (jnp.std(r, ddof=1) + eps)
+    elif scale == "none":
+        adv = centered
+    else:
+        adv = centered * (group_size / (group_size - 1))
+    # Equal rewards can leave rounding residue in `centered` (and 0/0 when eps=0).
+    flat = jnp.max(groups, axis=1, keepdims=True) == jnp.min(groups, axis=1, keepdims=True)
+    return jnp.where(flat, 0.0, adv).reshape(-1)
+
+
+def token_logprobs(
+    logits: jax.Array,
+    targets: jax.Array,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    return_entropy: bool = False,
+):
+    """log softmax(logits / temperature)[target] per token, float32, shape of `targets`.
+
+    logits: [..., V] in any dtype (bf16 from the model is fine); targets: [...] ints.
+    The tokens are processed `chunk_size` at a time under `jax.checkpoint`, so the
+    float32 upcast, log-sum-exp and softmax exist for one chunk only, in the forward
+    and in the backward pass. For B*G = 64 completions of 1024 tokens and a 152k
+    vocab (Qwen2.5), float32 logits for the whole batch would take 64*1024*152k*4
+    bytes = 40 GB; with chunk_size=1024 the float32 working set is 0.6 GB
+    (the model's own bf16 logits, 20 GB here, are a separate matter: compute them
+    per chunk from hidden states to avoid those too).
+
+    With return_entropy=True also returns the entropy of each token's distribution.
+    Temperature divides the logits exactly as the sampler did, so on-policy these
+    log-probs equal the sampler's.
+    """
+    shape = targets.shape
+    vocab = logits.shape[-1]
+    if logits.shape[:-1] != shape:
+        raise ValueError(f"logits {logits.shape} and targets {shape} disagree")
+    flat_logits = logits.reshape(-1, vocab)
+    flat_targets = targets.reshape(-1).astype(jnp.int32)
+    n = flat_targets.shape[0]
+
+    @jax.checkpoint
+    def one_chunk(chunk_logits, chunk_targets):
+        x = chunk_logits.astype(jnp.float32) / temperature
+        lse = jax.nn.logsumexp(x, axis=-1)
+        picked = jnp.take_along_axis(x, chunk_targets[:, None], axis=-1)[:, 0]
+        if not return_entropy:
+            return picked - lse, jnp.zeros_like(lse)
+        probs = jnp.exp(x - lse[:, None])
+        return picked - lse, lse - jnp.sum(probs * x, axis=-1)
+
+    num_chunks, rest = divmod(n, chunk_size)
+    if num_chunks <= 1:
+        logp, ent = one_chunk(flat_logits, flat_targets)
+    else:
+        body = n - rest
+        scan_logits = flat_logits[:body].reshape(num_chunks, chunk_size, vocab)
+        scan_targets = flat_targets[:body].reshape(num_chunks, chunk_size)
+        _, (logp, ent) = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (scan_logits, scan_targets))
+        logp, ent = logp.reshape(-1), ent.reshape(-1)
+        if rest:
+            tail_logp, tail_ent = one_chunk(flat_logits[body:], flat_targets[body:])
+            logp, ent = jnp.concatenate([logp, tail_logp]), jnp.concatenate([ent, tail_ent])
+    if return_entropy:
+        return logp.reshape(shape), ent.reshape(shape)
+    return logp.reshape(shape)
+
+
+def token_entropy(logits: jax.Array, temperature: float = 1.0, chunk_size: int = 1024) -> jax.Array:
+    """Entropy [...] of softmax(logits / temperature) [..., V], float32, chunked."""
+    dummy = jnp.zeros(logits.shape[:-1], jnp.int32)
+    return token_logprobs(logits, dummy, temperature, chunk_size, return_entropy=True)[1]
+
+
+def k3_kl(ref_logp: jax.Array, logp: jax.Array) -> jax.Array:
+    """Schulman's k3 estimator of KL(policy || ref): exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return jnp.exp(d) - d - 1.0
+
+
+def policy_loss(
+    logp: jax.Array,
+    old_logp: Optional[jax.Array],
+    ref_logp: Optional[jax.Array],
+    advantages: jax.Array,
+    mask: jax.Array,
+    cfg: Any,
+    *,
+    num_items_in_batch: Optional[jax.Array] = None,
+    max_completion_length: Optional[int] = None,
+    logits: Optional[jax.Array] = None,
+    entropy: Optional[jax.Array] = None,
+):
+    """Clipped surrogate + beta * k3 KL, aggregated by `cfg.loss_type`. Returns (loss, metrics).
+
+    logp, old_logp, ref_logp, mask: [B, N] (completion tokens); advantages: [B].
+    Math runs in float32 (float64 when logp is float64, for gradient checks).
+    cfg: anything with beta, epsilon, epsilon_high, delta, loss_type,
+    importance_sampling_level (e.g. `grpo_jax.config.GRPOConfig`).
+    old_logp=None means on-policy (one optimisation pass): old = stop_gradient(logp).
+    ref_logp may be None when beta = 0.
+
+    Aggregation (TRL's definitions; `mask` selects completion tokens):
+      grpo:    mean over sequences of each sequence's token mean
+      bnpo:    sum over tokens / tokens in this batch
+      dr_grpo: sum over tokens / (B * max_completion_length)  (default: N)
+      dapo:    sum over tokens / num_items_in_batch, the tokens of the whole
+               generation batch across minibatches and processes (default: this batch)
+    With several minibatches per generation batch, the trainer averages the
+    per-minibatch gradients, as TRL's gradient accumulation does.
+
+    Entropy metrics come from `entropy` [B, N] or, failing that, `logits` [B, N, V].
+    Padded tokens (mask 0) never reach the loss or its gradient, even if their
+    log-probs are inf or NaN.
+    """
+    if cfg.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={cfg.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    if cfg.importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level={cfg.importance_sampling_level!r}: expected token or sequence")
+    if cfg.beta != 0 and ref_logp is None:
+        raise ValueError("beta != 0 needs ref_logp, the reference model's token log-probs")
+    mask = mask.astype(bool)
+    dtype = jnp.promote_types(logp.dtype, jnp.float32)  # float32, or float64 when asked for
+    fmask = mask.astype(dtype)
+
+    def clean(x):
+        return jnp.where(mask, x.astype(dtype), 0.0)
+
+    logp = clean(logp)
+    old_logp = jax.lax.stop_gradient(logp) if old_logp is None else clean(old_logp)
+    adv = advantages.astype(dtype)[:, None]
+    eps_low = cfg.epsilon
+    eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+
+    tokens_per_seq = jnp.sum(fmask, axis=-1)
+    log_ratio = logp - old_logp
+    if cfg.importance_sampling_level == "sequence":  # GSPO: one ratio per completion
+        log_weight = (jnp.sum(log_ratio, axis=-1) / jnp.maximum(tokens_per_seq, 1.0))[:, None]
+    else:
+        log_weight = log_ratio
+    ratio = jnp.exp(log_weight)
+    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    capped = ratio if cfg.delta is None else jnp.minimum(ratio, cfg.delta)
+    per_token = -jnp.minimum(capped * adv, clipped * adv)
+
+    kl = None
+    if cfg.beta != 0:
+        kl = k3_kl(clean(ref_logp), logp)
+        per_token = per_token + cfg.beta * kl
+
+    per_token = jnp.where(mask, per_token, 0.0)
+    total = jnp.sum(per_token)
+    num_tokens = jnp.sum(fmask)
+    if cfg.loss_type == "grpo":
+        loss = jnp.mean(jnp.sum(per_token, axis=-1) / jnp.maximum(tokens_per_seq, 1.0))
+    elif cfg.loss_type == "bnpo":
+        loss = total / jnp.maximum(num_tokens, 1.0)
+    elif cfg.loss_type == "dr_grpo":
+        n = mask.shape[-1] if max_completion_length is None else max_completion_length
+        loss = total / (mask.shape[0] * n)
+    else:
+        denom = num_tokens if num_items_in_batch is None else jnp.asarray(num_items_in_batch, dtype)
+        loss = total / jnp.maximum(denom, 1.0)
+
+    def token_mean(x):
+        return jnp.sum(jnp.where(mask, jnp.broadcast_to(x, mask.shape).astype(dtype), 0.0)) / jnp.maximum(num_tokens, 1.0)
+
+    low = (ratio < 1.0 - eps_low) & (adv < 0)
+    high = (ratio > 1.0 + eps_high) & (adv > 0)
+    metrics = {
+        "loss": loss,
+        "clip_ratio/low": token_mean(low),
+        "clip_ratio/high": token_mean(high),
+        "clip_ratio/region": token_mean(low | high),
+        "ratio": token_mean(ratio),
+        "completion_tokens": num_tokens,
+    }
+    if kl is not None:
+        metrics["kl"] = token_mean(kl)
+    if entropy is None and logits is not None:
+        entropy = token_entropy(logits)
+    if entropy is not None:
+        metrics["entropy"] = token_mean(jax.lax.stop_gradient(entropy))
+    return loss, metrics

@@ -1,0 +1,69 @@
+"""`python -m launch <command> [--config FILE] [--section.key=value ...]`.
+
+Each command lives in its own module of this package with `add_arguments(parser)`
+and `main(args) -> int`; adding a command is one line in COMMANDS.
+Errors meant for users (bad config, bad paths, bad data) print one line and exit
+with status 2; set GRPO_JAX_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "config": ("launch.config_cmd", "print (and optionally save) the resolved run config"),
+    "demo": ("launch.demo", "the built-in default job (today: a worked example of the GRPO objective)"),
+    # "convert": ("launch.convert", "convert an HF model folder or a GGUF file into grpo_jax / HF checkpoints"),
+    # "export": ("launch.export", "export a grpo_jax params checkpoint as an HF model folder"),
+}
+
+USER_ERRORS = (ValueError, OSError, KeyError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog="python -m launch",
+        description="grpo_jax: GRPO fine-tuning of LLMs in JAX/Flax.",
+        epilog="Run `python -m launch COMMAND --help` for a command's flags.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(mod.__doc__ or help_text).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
+        )
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = getattr(args, "config_overrides", None) is not None
+    if extra and not takes_overrides:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if takes_overrides:
+        args.config_overrides = extra
+    try:
+        return int(args._module.main(args) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("GRPO_JAX_DEBUG"):
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
