@@ -1,0 +1,135 @@
+"""GRPO training: the train state and the jitted steps over one generation batch.
+
+One GRPO step, on device:
+  1. `completion_logprobs` of the reference model (beta > 0) and, when the update is
+     off-policy (num_iterations > 1 or several minibatches), of the policy before
+     the update (old_logp); both without gradients.
+  2. `num_iterations` passes over `num_minibatches` minibatches, one optimizer
+     update each (`update_step`), minimising `policy_loss`.
+The model enters as `forward(params, tokens, positions, mask, cache=None) -> (logits, cache)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from grpo_jax.config import Config
+from grpo_jax.objective import policy_loss, token_logprobs
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything that changes during training (and is checkpointed)."""
+
+    step: jax.Array  # int32: GRPO steps done
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    ref_params: Any = None  # frozen reference policy; None when beta = 0
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, rng: jax.Array, keep_reference: bool) -> TrainState:
+    ref = jax.tree.map(jnp.copy, params) if keep_reference else None
+    return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=rng, ref_params=ref)
+
+
+class Batch(NamedTuple):
+    """One generation batch laid out for the loss: R = prompts x G rows."""
+
+    tokens: jax.Array  # [R, P + N] int32: left-padded prompt, then the completion
+    positions: jax.Array  # [R, P + N] int32
+    attention_mask: jax.Array  # [R, P + N] bool
+    completion_mask: jax.Array  # [R, N] bool: tokens that count in the loss
+    advantages: jax.Array  # [R] float32
+    old_logp: Optional[jax.Array] = None  # [R, N] float32
+    ref_logp: Optional[jax.Array] = None  # [R, N] float32
+
+
+def assemble_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages) -> Batch:
+    """Prompt [R, P] (left-padded) + completion [R, N] -> the [R, P + N] sequences the model reads."""
+    prompt_mask = jnp.asarray(prompt_mask, bool)
+    completion_mask = jnp.asarray(completion_mask, bool)
+    prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+    start = jnp.sum(prompt_mask, axis=1, keepdims=True)
+    completion_positions = start + jnp.arange(completion_ids.shape[1])[None]
+    return Batch(
+        tokens=jnp.concatenate([jnp.asarray(prompt_ids), jnp.asarray(completion_ids)], axis=1).astype(jnp.int32),
+        positions=jnp.concatenate([prompt_positions, completion_positions], axis=1).astype(jnp.int32),
+        attention_mask=jnp.concatenate([prompt_mask, completion_mask], axis=1),
+        completion_mask=completion_mask,
+        advantages=jnp.asarray(advantages, jnp.float32),
+    )
+
+
+def completion_logprobs(forward: Callable, params, batch: Batch, temperature: float) -> jax.Array:
+    """log p(completion token | everything before it) [R, N], float32, at the sampling temperature."""
+    n = batch.completion_mask.shape[1]
+    logits, _ = forward(params, batch.tokens, batch.positions, batch.attention_mask, None)
+    targets = batch.tokens[:, -n:]
+    return token_logprobs(logits[:, -n - 1 : -1], targets, temperature)
+
+
+def is_on_policy(cfg: Config) -> bool:
+    """One update per generation batch: old_logp = the current policy's, no extra forward needed."""
+    return cfg.grpo.num_iterations == 1 and cfg.grpo.num_minibatches == 1
+
+
+def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: Config):
+    """The jitted device functions of a GRPO step: (reference_and_old_logps, update_step)."""
+    temperature = cfg.rollout.temperature or 1.0
+    grpo = cfg.grpo
+
+    @jax.jit
+    def reference_and_old_logps(state: TrainState, batch: Batch) -> Batch:
+        ref = old = None
+        if grpo.beta != 0:
+            ref = completion_logprobs(forward, state.ref_params, batch, temperature)
+        if not is_on_policy(cfg):
+            old = completion_logprobs(forward, state.params, batch, temperature)
+        return batch._replace(old_logp=old, ref_logp=ref)
+
+    def loss_fn(params, batch: Batch):
+        # Each minibatch is one optimizer update, so "dapo" normalises by this minibatch's
+        # tokens (TRL: the tokens of one optimizer step's gradient-accumulation window).
+        logp = completion_logprobs(forward, params, batch, temperature)
+        return policy_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.completion_mask, grpo,
+                           max_completion_length=cfg.rollout.max_completion_length)
+
+    @jax.jit
+    def update_step(state: TrainState, minibatch: Batch):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, minibatch)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        # a non-finite loss or gradient leaves the state untouched; the caller counts it
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        state = state.replace(params=keep(new_params, state.params), opt_state=keep(opt_state, state.opt_state))
+        metrics = dict(metrics, grad_norm=grad_norm, update_skipped=(~finite).astype(jnp.float32))
+        return state, metrics
+
+    return reference_and_old_logps, update_step
+
+
+def train_on_batch(state: TrainState, batch: Batch, steps, cfg: Config, rng: np.random.Generator | None = None):
+    """All optimizer updates of one generation batch. Returns (state, metrics averaged over updates)."""
+    reference_and_old_logps, update_step = steps
+    batch = reference_and_old_logps(state, batch)
+    rows = batch.advantages.shape[0]
+    per_minibatch = rows // cfg.grpo.num_minibatches
+    collected = []
+    for _ in range(cfg.grpo.num_iterations):
+        order = np.arange(rows) if rng is None else rng.permutation(rows)
+        for m in range(cfg.grpo.num_minibatches):
+            idx = jnp.asarray(order[m * per_minibatch : (m + 1) * per_minibatch])
+            minibatch = jax.tree.map(lambda x: x[idx], batch)
+            state, metrics = update_step(state, minibatch)
+            collected.append(metrics)
+    averaged = {k: jnp.mean(jnp.stack([m[k] for m in collected])) for k in collected[0]}
+    averaged["update_skipped"] = jnp.sum(jnp.stack([m["update_skipped"] for m in collected]))
+    return state.replace(step=state.step + 1), averaged
