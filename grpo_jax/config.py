@@ -180,6 +180,8 @@ class CheckpointConfig:
     """Keep the last N checkpoints."""
     keep_best_metric: Optional[str] = None
     """Also keep the best checkpoint by this eval metric (e.g. eval/accuracy)."""
+    keep_best_mode: Literal["max", "min"] = "max"
+    """Whether a higher or a lower keep_best_metric is better."""
     async_save: bool = True
     """Write checkpoints in the background while training continues."""
     resume: bool = True
