@@ -1,0 +1,169 @@
+"""Where a run's numbers go: the console, metrics.jsonl, TensorBoard, and PNG plots.
+
+Only the main process (process 0) writes; the others construct a logger that
+does nothing, so call sites need no `if process_index == 0`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+from grpo_jax.config import LoggingConfig
+
+# (metric, label, format) shown on the console line, when present
+CONSOLE = [
+    ("reward/mean", "reward", "{:.3f}"),
+    ("eval/accuracy", "eval acc", "{:.3f}"),
+    ("loss", "loss", "{:+.4f}"),
+    ("kl", "kl", "{:.4f}"),
+    ("clip_ratio/region", "clip", "{:.3f}"),
+    ("completion/mean_length", "len", "{:.0f}"),
+    ("time/step_s", "s/step", "{:.2f}"),
+]
+
+
+def _finite_or_none(value):
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | os.PathLike, cfg: LoggingConfig, total_steps: int, is_main: bool = True):
+        self.cfg, self.total_steps, self.is_main = cfg, total_steps, is_main
+        self.run_dir = Path(run_dir)
+        self._jsonl = None
+        self._tb = None
+        self._start = time.time()
+        if not is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.jsonl:
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise ValueError("logging.tensorboard=true needs tensorboardX: pip install tensorboardX") from None
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict, console: bool = True) -> None:
+        """Write one step's scalars (NaN/inf are written as null in JSONL)."""
+        if not self.is_main:
+            return
+        row = {"step": int(step), "time": round(time.time() - self._start, 3)}
+        row.update({k: _finite_or_none(v) for k, v in sorted(metrics.items())})
+        if self._jsonl:
+            self._jsonl.write(json.dumps(row) + "\n")
+        if self._tb:
+            for k, v in row.items():
+                if v is not None and k != "step":
+                    self._tb.add_scalar(k, v, step)
+        if console:
+            print(self.console_line(step, metrics), flush=True)
+
+    def console_line(self, step: int, metrics: dict) -> str:
+        parts = [f"step {step}/{self.total_steps}"]
+        for key, label, fmt in CONSOLE:
+            if key in metrics and metrics[key] is not None and math.isfinite(float(metrics[key])):
+                parts.append(f"{label} {fmt.format(float(metrics[key]))}")
+        return " | ".join(parts)
+
+    def log_samples(self, step: int, rows: Iterable[dict], limit: Optional[int] = None) -> None:
+        """A few (prompt, completion, reward) rows, printed and kept in samples.jsonl."""
+        if not self.is_main:
+            return
+        rows = list(rows)[: self.cfg.log_completions if limit is None else limit]
+        if not rows:
+            return
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **r}) + "\n")
+        for r in rows:
+            prompt = " ".join(str(r.get("prompt", "")).split())[-80:]
+            completion = " ".join(str(r.get("completion", "")).split())[:160]
+            print(f"  [reward {r.get('reward', float('nan')):+.2f}] ...{prompt!s} => {completion!s}")
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The rows of a run's metrics.jsonl (a torn last line, from a kill mid-write, is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def truncate_metrics(run_dir: str | os.PathLike, last_step: int) -> None:
+    """Drop rows logged after `last_step` (a resumed run repeats those steps)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+PLOTS = {
+    "reward": ["reward/mean"],
+    "reward_per_function": "reward/",
+    "eval_accuracy": ["eval/accuracy"],
+    "kl": ["kl"],
+    "clip_ratio": ["clip_ratio/low", "clip_ratio/high", "clip_ratio/region"],
+    "completion_length": ["completion/mean_length", "completion/min_length", "completion/max_length"],
+}
+
+
+def plot_run(run_dir: str | os.PathLike) -> list[Path]:
+    """PNG curves of a run's metrics.jsonl into run_dir/plots/; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir}: no metrics.jsonl rows to plot")
+    out_dir = Path(run_dir) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for r in rows for k in r})
+    written = []
+    for name, wanted in PLOTS.items():
+        if isinstance(wanted, str):  # a prefix: one curve per reward function
+            series = [k for k in keys if k.startswith(wanted) and k.count("/") == 2 and k.endswith("/mean")]
+        else:
+            series = [k for k in wanted if k in keys]
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in series:
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+        ax.set_xlabel("step")
+        ax.set_title(name.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

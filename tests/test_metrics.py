@@ -1,0 +1,51 @@
+"""Metrics sinks: JSONL rows, console line, TensorBoard events, plots, resume truncation."""
+
+import json
+
+from grpo_jax.config import LoggingConfig
+from grpo_jax.metrics import MetricsLogger, plot_run, read_metrics, truncate_metrics
+
+
+def test_jsonl_console_and_tensorboard(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path, LoggingConfig(tensorboard=True), total_steps=5)
+    logger.log(1, {"reward/mean": 0.25, "loss": 0.1, "kl": float("nan")})
+    logger.log(2, {"reward/mean": 0.5, "reward/accuracy/mean": 0.5, "loss": 0.05})
+    logger.log_samples(2, [{"prompt": "What is 1 + 1?", "completion": "2", "reward": 1.0}])
+    logger.close()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["kl"] is None and rows[1]["reward/mean"] == 0.5
+    out = capsys.readouterr().out
+    assert "step 1/5 | reward 0.250 | loss +0.1000" in out and "kl" not in out.splitlines()[0]
+    assert "=> 2" in out
+    assert list((tmp_path / "tensorboard").iterdir())
+    assert json.loads((tmp_path / "samples.jsonl").read_text())["completion"] == "2"
+
+
+def test_non_main_process_writes_nothing(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path / "x", LoggingConfig(), total_steps=1, is_main=False)
+    logger.log(1, {"loss": 1.0})
+    logger.close()
+    assert not (tmp_path / "x").exists() and capsys.readouterr().out == ""
+
+
+def test_truncate_drops_steps_after_resume_point_and_torn_lines(tmp_path):
+    logger = MetricsLogger(tmp_path, LoggingConfig(), total_steps=5)
+    for s in range(1, 6):
+        logger.log(s, {"loss": s}, console=False)
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # killed mid-write
+    truncate_metrics(tmp_path, 3)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_plots_are_written(tmp_path):
+    logger = MetricsLogger(tmp_path, LoggingConfig(), total_steps=3)
+    for s in range(1, 4):
+        logger.log(s, {"reward/mean": s / 3, "reward/accuracy/mean": s / 4, "kl": 0.01 * s, "clip_ratio/region": 0.0,
+                       "completion/mean_length": 10 + s}, console=False)
+    logger.close()
+    names = sorted(p.name for p in plot_run(tmp_path))
+    assert names == ["clip_ratio.png", "completion_length.png", "kl.png", "reward.png", "reward_per_function.png"]
+    assert all((tmp_path / "plots" / n).stat().st_size > 1000 for n in names)
