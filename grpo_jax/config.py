@@ -142,6 +142,14 @@ class DataConfig:
     """What to do with prompts longer than rollout.max_prompt_length."""
     shuffle: bool = True
     """Shuffle each epoch with run.seed."""
+    num_examples: int = 10000
+    """Rows in the train split of a procedural source (built-in task, reasoning_gym)."""
+    num_eval_examples: int = 500
+    """Rows in any other split of a procedural source."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the built-in task generator or the reasoning-gym dataset config."""
+    tfds_manual_dir: Optional[str] = None
+    """Manual dir for TFDS builders (GSM8K: folder with train.jsonl / test.jsonl); null downloads."""
 
 
 @dataclass(frozen=True)

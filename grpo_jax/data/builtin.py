@@ -1,0 +1,186 @@
+"""Built-in procedural tasks: `arithmetic` and `countdown`.
+
+Each row is generated on demand from (seed, split, index), so a dataset of any
+size costs nothing to create and gives the same rows on every machine.
+
+Train and held-out splits are disjoint by construction: a problem's key (its
+operands) is hashed together with the seed into one of 10 buckets; the `train`
+split only keeps problems from buckets 1..9 and every other split (`test`,
+`validation`, ...) only from bucket 0, drawing again until the bucket matches.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import zlib
+from fractions import Fraction
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from grpo_jax.data.sources import DataError, Dataset
+
+HOLDOUT_BUCKETS = 10  # 1 in 10 problems is reserved for the held-out splits
+
+
+def _split_code(split: str) -> int:
+    return zlib.crc32(split.encode())
+
+
+def _bucket(key: tuple, seed: int) -> int:
+    return zlib.crc32(repr((seed,) + tuple(key)).encode()) % HOLDOUT_BUCKETS
+
+
+class ProceduralDataset(Dataset):
+    """`size` rows of a task generator `make(rng, **options) -> (key, row)`.
+
+    Row `i` of split `s` is drawn from `np.random.default_rng([seed, crc32(s), i, attempt])`,
+    taking the first attempt whose key falls on this split's side of the
+    train / held-out partition.
+    """
+
+    def __init__(self, name: str, make: Callable[..., tuple[tuple, dict]], split: str, seed: int, size: int,
+                 options: Optional[dict] = None):
+        if size <= 0:
+            raise DataError(f"{name}: the {split} split would have {size} rows; the size must be positive")
+        self.name, self._make, self.split, self.seed, self.size = name, make, split, int(seed), int(size)
+        self._options = dict(options or {})
+        self._heldout = split != "train"
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        index = self._check_index(index)
+        for attempt in range(10_000):
+            rng = np.random.default_rng([self.seed, _split_code(self.split), index, attempt])
+            key, row = self._make(rng, **self._options)
+            if (_bucket(key, self.seed) == 0) == self._heldout:
+                row.setdefault("task", self.name)
+                return row
+        raise DataError(f"{self.name}: could not draw a {self.split} problem for row {index}")  # pragma: no cover
+
+
+# ------------------------------------------------------------------ arithmetic
+
+_OPS = {"sum": "+", "difference": "-", "product": "*"}
+
+
+def make_arithmetic(rng: np.random.Generator, min_operand: int = 0, max_operand: int = 99,
+                    ops: Sequence[str] = ("sum", "difference", "product")) -> tuple[tuple, dict]:
+    """"What is the sum of 8 + 5?" -> "13"; also difference (-) and product (*)."""
+    for op in ops:
+        if op not in _OPS:
+            raise DataError(f"arithmetic: unknown op {op!r}; choose from {', '.join(_OPS)}")
+    name = ops[int(rng.integers(len(ops)))]
+    a, b = (int(x) for x in rng.integers(min_operand, max_operand + 1, size=2))
+    sym = _OPS[name]
+    value = a + b if sym == "+" else a - b if sym == "-" else a * b
+    row = {"prompt": f"What is the {name} of {a} {sym} {b}?", "answer": str(value), "a": a, "b": b, "op": sym}
+    return (a, sym, b), row
+
+
+# ------------------------------------------------------------------ countdown
+
+COUNTDOWN_PROMPT = ("Using the numbers {numbers}, create an equation that equals {target}. You can use basic "
+                    "arithmetic operations (+, -, *, /) and each number must be used exactly once.")
+
+
+def make_countdown(rng: np.random.Generator, num_numbers: Sequence[int] | int = (3, 4), min_number: int = 1,
+                   max_number: int = 99, max_target: int = 999) -> tuple[tuple, dict]:
+    """Numbers and a target reachable with + - * / using every number once.
+
+    The target comes from a random expression over a permutation of the numbers
+    (integer, positive intermediate results); that expression is kept in the
+    `solution` column. The answer is the target, as a string.
+    """
+    counts = [num_numbers] if isinstance(num_numbers, int) else list(num_numbers)
+    for _ in range(1000):
+        n = int(counts[int(rng.integers(len(counts)))])
+        numbers = [int(x) for x in rng.integers(min_number, max_number + 1, size=n)]
+        order = [int(i) for i in rng.permutation(n)]
+        value, expr = Fraction(numbers[order[0]]), str(numbers[order[0]])
+        ok = True
+        for i in order[1:]:
+            x = numbers[i]
+            choices = ["+", "-", "*"] + (["/"] if x != 0 and value % x == 0 else [])
+            op = choices[int(rng.integers(len(choices)))]
+            value = {"+": value + x, "-": value - x, "*": value * x, "/": value / x if x else value}[op]
+            expr = f"({expr}) {op} {x}" if op in "*/" and any(c in expr for c in "+-") else f"{expr} {op} {x}"
+            if value <= 0 or value.denominator != 1:
+                ok = False
+                break
+        if ok and 1 <= value <= max_target:
+            target = int(value)
+            row = {"prompt": COUNTDOWN_PROMPT.format(numbers=numbers, target=target), "answer": str(target),
+                   "numbers": numbers, "target": target, "solution": expr}
+            return (tuple(sorted(numbers)), target), row
+    raise DataError("countdown: could not draw a problem; widen the number range or raise max_target")  # pragma: no cover
+
+
+_ALLOWED_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+                   ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
+
+
+def verify_countdown(equation: str, numbers: Sequence[int], target: int | str, *, use_all: bool = True,
+                     max_length: int = 256) -> bool:
+    """True when `equation` uses each of `numbers` once and evaluates to `target`.
+
+    Safe: the text is parsed with `ast` and only integer literals, + - * / and
+    parentheses are accepted (no names, calls, powers or unary operators); it is
+    evaluated exactly with fractions. A trailing `= target` is allowed, and so
+    are the symbols x, × and ÷. With `use_all=False` a subset of the numbers,
+    each at most once, is enough.
+    """
+    if not isinstance(equation, str) or len(equation) > max_length:
+        return False
+    text = equation.strip().replace("×", "*").replace("÷", "/").replace("x", "*").replace("X", "*")
+    if "=" in text:
+        text, _, rhs = text.partition("=")
+        if rhs.strip() and rhs.strip() != str(target).strip():
+            return False
+    if not re.fullmatch(r"[\d\s+\-*/()]+", text or "x"):
+        return False
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError):
+        return False
+    used: list[int] = []
+
+    def ev(node) -> Fraction:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            used.append(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in _ALLOWED_BINOPS:
+            return _ALLOWED_BINOPS[type(node.op)](ev(node.left), ev(node.right))
+        raise ValueError("not allowed")
+
+    try:
+        value = ev(tree)
+    except (ValueError, ZeroDivisionError):
+        return False
+    pool = sorted(int(n) for n in numbers)
+    if use_all:
+        if sorted(used) != pool:
+            return False
+    else:
+        for n in used:
+            if n not in pool:
+                return False
+            pool.remove(n)
+    try:
+        return value == Fraction(str(target).strip())
+    except (ValueError, ZeroDivisionError):
+        return False
+
+
+TASKS: dict[str, Callable[..., tuple[tuple, dict]]] = {"arithmetic": make_arithmetic, "countdown": make_countdown}
+
+
+def builtin_dataset(name: str, split: str, seed: int, size: int, options: Optional[dict[str, Any]] = None) -> Dataset:
+    if name not in TASKS:
+        raise DataError(f"unknown built-in task {name!r}; choose from {', '.join(TASKS)}")
+    return ProceduralDataset(name, TASKS[name], split, seed, size, options)
