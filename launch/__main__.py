@@ -17,8 +17,8 @@ import sys
 COMMANDS = {
     "config": ("launch.config_cmd", "print (and optionally save) the resolved run config"),
     "demo": ("launch.demo", "the built-in default job (today: a worked example of the GRPO objective)"),
-    # "convert": ("launch.convert", "convert an HF model folder or a GGUF file into grpo_jax / HF checkpoints"),
-    # "export": ("launch.export", "export a grpo_jax params checkpoint as an HF model folder"),
+    "convert": ("launch.convert", "convert an HF model folder or a GGUF file into grpo_jax / HF checkpoints"),
+    "export": ("launch.export", "export a grpo_jax params checkpoint as an HF model folder"),
 }
 
 USER_ERRORS = (ValueError, OSError, KeyError)

@@ -1,0 +1,53 @@
+"""Decoder model (Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 by config flags) and HF interop."""
+
+from grpo_jax.models.transformer import (
+    KVCache,
+    Transformer,
+    TransformerConfig,
+    abstract_model,
+    apply,
+    forward,
+    init_cache,
+    logical_axes,
+    logits_from_hidden,
+    param_shardings,
+    positions_from_mask,
+    unembedding,
+)
+from grpo_jax.models.hf import (
+    SUPPORTED_MODEL_TYPES,
+    ModelLoadError,
+    check_tokenizer,
+    config_from_hf,
+    export_hf,
+    hf_config_from,
+    load_converted,
+    load_hf,
+    load_tokenizer,
+    save_converted,
+)
+
+__all__ = [
+    "KVCache",
+    "ModelLoadError",
+    "SUPPORTED_MODEL_TYPES",
+    "Transformer",
+    "TransformerConfig",
+    "abstract_model",
+    "apply",
+    "check_tokenizer",
+    "config_from_hf",
+    "export_hf",
+    "forward",
+    "hf_config_from",
+    "init_cache",
+    "load_converted",
+    "load_hf",
+    "load_tokenizer",
+    "logical_axes",
+    "logits_from_hidden",
+    "param_shardings",
+    "positions_from_mask",
+    "save_converted",
+    "unembedding",
+]

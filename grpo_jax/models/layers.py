@@ -1,0 +1,174 @@
+"""Pure building blocks of the decoder: norms, rotary embeddings, attention, gated MLP.
+
+Everything here is a pure function of arrays (no module state), so the decoder in
+``transformer.py`` can call them inside ``jax.lax.scan`` over stacked layer params.
+
+Shapes: ``B`` batch, ``T`` query length, ``S`` key length (the cache length when a
+KV cache is used), ``H`` query heads, ``K`` kv heads, ``G = H // K`` queries per kv
+head, ``D`` hidden size, ``Dh`` head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# A large negative, finite number: fully masked rows (pad queries) give a uniform
+# softmax instead of NaNs, so gradients stay finite.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, style: str = "llama") -> jax.Array:
+    """RMSNorm over the last axis, computed in float32.
+
+    style "llama": ``w * (x / rms(x)).astype(x.dtype)`` (Llama / Mistral / Qwen).
+    style "gemma": ``(x / rms(x) * (1 + w)).astype(x.dtype)`` (Gemma 2/3, weights
+    stored zero-centred).
+    """
+    dtype = x.dtype
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if style == "gemma":
+        return (xf * (1.0 + weight.astype(jnp.float32))).astype(dtype)
+    return weight.astype(dtype) * xf.astype(dtype)
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def rope_inv_freq(
+    head_dim: int,
+    theta: float,
+    rope_type: str = "default",
+    factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_position: int = 8192,
+) -> jax.Array:
+    """Inverse frequencies [head_dim // 2] (float32), as transformers computes them.
+
+    rope_type: "default", "linear" (frequencies / factor) or "llama3" (Llama 3.1
+    piecewise scaling of the low frequencies).
+    """
+    import numpy as np
+
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+    if rope_type in ("default", None):
+        pass
+    elif rope_type == "linear":
+        inv_freq = (inv_freq / np.float32(factor)).astype(np.float32)
+    elif rope_type == "llama3":
+        low_freq_wavelen = original_max_position / low_freq_factor
+        high_freq_wavelen = original_max_position / high_freq_factor
+        wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+        smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+    else:
+        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
+    return jnp.asarray(inv_freq, dtype=jnp.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [B, T, head_dim // 2] in float32 for integer positions [B, T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (HF layout) on x [B, T, N, Dh] with cos/sin [B, T, Dh/2]."""
+    dtype = x.dtype
+    half = x.shape[-1] // 2
+    cos = cos[:, :, None, :].astype(dtype)
+    sin = sin[:, :, None, :].astype(dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    if cap is None or cap <= 0:
+        return x
+    return jnp.tanh(x / cap) * cap
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    logit_softcap: float | None = None,
+) -> jax.Array:
+    """Grouped-query attention without materialising repeated K/V.
+
+    q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] bool (True = attend).
+    Scores, mask and softmax are float32; returns [B, T, H, Dh] in q's dtype.
+    """
+    b, t, h, dh = q.shape
+    kv_heads = k.shape[2]
+    g = h // kv_heads
+    qg = q.reshape(b, t, kv_heads, g, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(scale)
+    scores = softcap(scores, logit_softcap)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, dh).astype(q.dtype)
+
+
+def make_attention_masks(
+    q_slots: jax.Array,
+    kv_slots: jax.Array,
+    kv_valid: jax.Array,
+    sliding_window: int | None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Full (causal + padding) and sliding-window masks [B, T, S] bool.
+
+    q_slots [T] or [B, T]: slot index of each query; kv_slots [S]: slot index of
+    each key; kv_valid [B, S]: key slot holds a real (non-pad) token. The sliding
+    window matches transformers: key slot > query slot - window.
+    """
+    q = q_slots[..., :, None] if q_slots.ndim == 1 else q_slots[:, :, None]
+    kv = kv_slots[None, :] if q_slots.ndim == 1 else kv_slots[None, None, :]
+    causal = kv <= q  # [T, S] or [B, T, S]
+    full = causal & kv_valid[:, None, :]
+    sliding = None
+    if sliding_window:
+        sliding = full & (kv > q - sliding_window)
+    return full, sliding
+
+
+# ----------------------------------------------------------------------------- mlp
+
+
+def activation_fn(name: str):
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    if name in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"unsupported activation {name!r}; supported: silu, gelu_pytorch_tanh, gelu, relu")
+
+
+def gated_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation: str) -> jax.Array:
+    """down(act(x @ gate) * (x @ up)); x [B, T, D], w_gate/w_up [D, F], w_down [F, D]."""
+    act = activation_fn(activation)
+    gate = jnp.einsum("btd,df->btf", x, w_gate)
+    up = jnp.einsum("btd,df->btf", x, w_up)
+    return jnp.einsum("btf,fd->btd", act(gate) * up, w_down)
