@@ -220,6 +220,10 @@ class RunConfig:
     """Where the resolved config, metrics, plots and checkpoints go."""
     eval_every: int = 0
     """Evaluate on data.eval_split every N steps (0: only at start and end)."""
+    eval_max_examples: int = 128
+    """Held-out prompts scored per evaluation (greedy, one completion each)."""
+    max_skipped_updates: int = 3
+    """Stop after this many steps in a row with a non-finite loss or gradient."""
 
 
 @dataclass(frozen=True)
@@ -430,6 +434,8 @@ def validate(cfg: Config) -> None:
         need(size == -1 or size >= 1, f"mesh.{axis}={size} must be >= 1, or -1 for the devices left over")
     need([m.data, m.fsdp, m.tensor].count(-1) <= 1, "only one mesh axis may be -1")
     need(cfg.run.steps >= 0, "run.steps must be >= 0")
+    need(cfg.run.eval_max_examples >= 1, "run.eval_max_examples must be >= 1")
+    need(cfg.run.max_skipped_updates >= 1, "run.max_skipped_updates must be >= 1")
     need(cfg.checkpoint.every_steps >= 0 and cfg.checkpoint.keep >= 1, "checkpoint.every_steps must be >= 0 and checkpoint.keep >= 1")
     need(cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1")
 
