@@ -102,3 +102,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH]))
+
+
+def train_state_shardings(state, optimizer, param_shardings, mesh: Mesh):
+    """Shardings of a TrainState: optimizer moments follow their params, counters replicated."""
+    import optax
+
+    rep = replicated(mesh)
+    opt = optax.tree_map_params(optimizer, lambda _, sh: sh, state.opt_state, param_shardings,
+                                transform_non_params=lambda _: rep)
+    ref = None if state.ref_params is None else param_shardings
+    return state.replace(step=rep, params=param_shardings, opt_state=opt, rng=rep, ref_params=ref)
+
+
+def rows_sharding(x, mesh: Mesh) -> NamedSharding:
+    """Split the leading (row) axis over data x fsdp when it divides, else replicate."""
+    if getattr(x, "ndim", 0) and x.shape[0] % data_parallel_size(mesh) == 0:
+        return batch_sharding(mesh, x.ndim)
+    return replicated(mesh)
+
+
+def shard_rows(tree, mesh: Mesh):
+    """device_put every array of a host batch with its rows split over the data axes."""
+    return jax.tree.map(lambda x: jax.device_put(x, rows_sharding(x, mesh)), tree)

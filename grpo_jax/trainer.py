@@ -79,8 +79,13 @@ def is_on_policy(cfg: Config) -> bool:
     return cfg.grpo.num_iterations == 1 and cfg.grpo.num_minibatches == 1
 
 
-def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: Config):
-    """The jitted device functions of a GRPO step: (reference_and_old_logps, update_step)."""
+def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: Config, state_shardings=None):
+    """The jitted device functions of a GRPO step: (reference_and_old_logps, update_step).
+
+    state_shardings (a TrainState of NamedShardings): where update_step leaves the new
+    state; fixing it keeps every step on one compiled program and the layout stable.
+    The state is donated: its buffers are reused for the new one.
+    """
     temperature = cfg.rollout.temperature or 1.0
     grpo = cfg.grpo
 
@@ -100,7 +105,6 @@ def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: 
         return policy_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.completion_mask, grpo,
                            max_completion_length=cfg.rollout.max_completion_length)
 
-    @jax.jit
     def update_step(state: TrainState, minibatch: Batch):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, minibatch)
         grad_norm = optax.tree.norm(grads)
@@ -113,7 +117,8 @@ def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: 
         metrics = dict(metrics, grad_norm=grad_norm, update_skipped=(~finite).astype(jnp.float32))
         return state, metrics
 
-    return reference_and_old_logps, update_step
+    out_shardings = None if state_shardings is None else (state_shardings, None)
+    return reference_and_old_logps, jax.jit(update_step, donate_argnums=0, out_shardings=out_shardings)
 
 
 def train_on_batch(state: TrainState, batch: Batch, steps, cfg: Config, rng: np.random.Generator | None = None):
@@ -132,4 +137,5 @@ def train_on_batch(state: TrainState, batch: Batch, steps, cfg: Config, rng: np.
             collected.append(metrics)
     averaged = {k: jnp.mean(jnp.stack([m[k] for m in collected])) for k in collected[0]}
     averaged["update_skipped"] = jnp.sum(jnp.stack([m["update_skipped"] for m in collected]))
-    return state.replace(step=state.step + 1), averaged
+    step = jax.device_put(state.step + 1, state.step.sharding)  # keep the layout the jitted steps expect
+    return state.replace(step=step), averaged

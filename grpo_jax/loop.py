@@ -1,0 +1,380 @@
+"""The GRPO run on the host: set up from a Config, then loop rollout -> rewards -> update.
+
+    from grpo_jax.config import load_config
+    from grpo_jax.loop import train
+    summary = train(load_config("configs/demo.yaml"))
+
+Everything numeric happens in jitted functions (rollout.generate, trainer.make_steps);
+this module only moves batches between them, scores text, logs and checkpoints.
+Rewards are scored on the host while the device computes the reference and old
+log-probs of the same batch (JAX dispatches those asynchronously).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from grpo_jax import sharding
+from grpo_jax.checkpoint import Checkpointer, abstract_like
+from grpo_jax.config import Config, save_config, to_dict, to_yaml
+from grpo_jax.data import PromptFormatter, batches, load_dataset
+from grpo_jax.metrics import MetricsLogger, plot_run, truncate_metrics
+from grpo_jax.models import transformer as tf
+from grpo_jax.models.hf import load_converted, load_hf, load_tokenizer
+from grpo_jax.objective import group_advantages
+from grpo_jax.optim import make_optimizer
+from grpo_jax.rewards import RewardError, RewardSet
+from grpo_jax.rollout import SamplingParams, bucket_length, generate, pad_prompts_left
+from grpo_jax.trainer import Batch, TrainState, assemble_batch, init_train_state, is_on_policy, make_steps
+
+SKIP_COLUMNS = ("prompt", "index", "valid")
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. non-finite losses in a row); the message says why."""
+
+
+@dataclass
+class Policy:
+    """A loaded model as pure functions + params, and its tokenizer."""
+
+    config: tf.TransformerConfig
+    params: Any  # plain nested dict of arrays
+    tokenizer: Any
+    forward: Any  # (params, tokens, positions, mask, cache) -> (logits, cache)
+    init_cache: Any  # (batch, max_len) -> KVCache
+    param_shardings: Any  # same structure as params
+
+
+def load_policy(cfg: Config, mesh: jax.sharding.Mesh) -> Policy:
+    """model.path: an HF folder / hub id, or a folder written by `python -m launch convert`."""
+    m = cfg.model
+    shardings = lambda config, abs_model: tf.param_shardings(abs_model, mesh, sharding.DEFAULT_RULES)  # noqa: E731
+    path = Path(os.path.expanduser(m.path))
+    if (path / "model_config.json").exists():
+        model, config = load_converted(path, shardings=shardings)
+        config = config.replace(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat)
+        tokenizer_src = m.tokenizer or (path / "tokenizer")
+    else:
+        model, config = load_hf(m.path, dtype=m.param_dtype, shardings=shardings, compute_dtype=m.compute_dtype,
+                                remat_policy=m.remat)
+        tokenizer_src = m.tokenizer or m.path
+    tokenizer = load_tokenizer(tokenizer_src, config)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    return Policy(config, params, tokenizer, functools.partial(tf.apply, config),
+                  functools.partial(tf.init_cache, config), param_shardings)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus the chat end-of-turn tokens the tokenizer knows."""
+    ids = []
+    eos = tokenizer.eos_token_id
+    ids.extend(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        if tid is not None and tid not in ids and tid != tokenizer.unk_token_id:
+            ids.append(int(tid))
+    return [int(i) for i in ids]
+
+
+def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+    return tokenizer.batch_decode([row[m].tolist() for row, m in zip(tokens, mask)], skip_special_tokens=True)
+
+
+def reward_columns(batch: dict, group_size: int, completion_lengths: np.ndarray) -> dict:
+    """Dataset columns, each value repeated for the G completions of its prompt."""
+    cols = {k: [v for v in values for _ in range(group_size)] for k, values in batch.items() if k not in SKIP_COLUMNS}
+    cols["completion_lengths"] = [int(n) for n in completion_lengths]
+    return cols
+
+
+class _SignalFlag:
+    """First SIGTERM / SIGINT: finish the step, save, exit. Second: exit at once."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            print(f"\nsecond {signal.Signals(signum).name}: exiting now without saving", flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+              "(send it again to exit at once)", flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Run:
+    """One training run's live objects. `train(cfg)` builds one and calls `run()`."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.output_dir)
+        self.is_main = jax.process_index() == 0
+        if self.is_main:
+            print("resolved config:\n" + to_yaml(cfg).rstrip(), flush=True)
+            save_config(cfg, self.run_dir)
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.policy = load_policy(cfg, self.mesh)
+        self.formatter = PromptFormatter.from_config(cfg.data, self.policy.tokenizer)
+        G = cfg.rollout.group_size
+        self.rewards = RewardSet(cfg.rewards.functions, cfg.rewards.weights or None, on_error=cfg.rewards.on_error,
+                                 num_workers=cfg.rewards.num_workers,
+                                 context={"group_size": G, "max_completion_len": cfg.rollout.max_completion_length})
+        self.sampling = SamplingParams.from_config(cfg.rollout, stop_token_ids(self.policy.tokenizer),
+                                                   self.formatter.pad_id)
+        self.greedy = SamplingParams(cfg.rollout.max_completion_length, temperature=0.0,
+                                     stop_token_ids=self.sampling.stop_token_ids, pad_token_id=self.formatter.pad_id)
+        updates = max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
+        self.optimizer = make_optimizer(cfg.optim, updates)
+        self.train_data = load_dataset(cfg.data, cfg.data.split, cfg.run.seed)
+        keep = None
+        if cfg.data.overlong_prompts == "drop":
+            keep = lambda row: not self.formatter.is_overlong(row["prompt"], cfg.rollout.max_prompt_length)  # noqa: E731
+        self.data = batches(self.train_data, cfg.data.batch_size, cfg.run.seed, shuffle=cfg.data.shuffle, repeat=True,
+                            process_index=jax.process_index(), process_count=jax.process_count(), keep=keep)
+        self.eval_data = load_dataset(cfg.data, cfg.data.eval_split, cfg.run.seed) if cfg.data.eval_split else None
+        state = init_train_state(self.policy.params, self.optimizer, jax.random.PRNGKey(cfg.run.seed),
+                                 keep_reference=cfg.grpo.beta != 0)
+        self.state_shardings = sharding.train_state_shardings(state, self.optimizer, self.policy.param_shardings,
+                                                              self.mesh)
+        self.state = jax.device_put(state, self.state_shardings)
+        self.steps = make_steps(self.policy.forward, self.optimizer, cfg, self.state_shardings)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
+        self.logger = MetricsLogger(self.run_dir, cfg.logging, cfg.run.steps, is_main=self.is_main)
+        self.history: list[dict] = []
+        self.eval_history: list[dict] = []
+        self.skipped_in_a_row = 0
+
+    # ------------------------------------------------------------ checkpoints
+
+    def resume(self) -> int:
+        """Restore the newest complete checkpoint, if any; returns the step to start from."""
+        if not self.cfg.checkpoint.resume:
+            return 0
+        restored = self.checkpointer.restore_latest(abstract_like(self.state))
+        if restored is None:
+            return 0
+        step, self.state, meta = restored
+        self.data.restore(meta["data"])
+        self.history = meta.get("history", [])
+        self.eval_history = meta.get("eval_history", [])
+        truncate_metrics(self.run_dir, step)
+        print(f"resumed from checkpoint {step} in {self.checkpointer.directory}", flush=True)
+        return step
+
+    def save(self, step: int, metrics: Optional[dict] = None) -> None:
+        meta = {"step": step, "data": self.data.state(), "config": to_dict(self.cfg),
+                "history": self.history, "eval_history": self.eval_history}
+        self.checkpointer.save(step, self.state, meta, metrics=metrics)
+
+    # ------------------------------------------------------------ one step
+
+    def rollout(self, prompts, key, sampling: SamplingParams, group_size: int):
+        """Encode, pad to the prompt bucket (the width the train step sees too), sample."""
+        enc = self.formatter.encode(prompts, self.cfg.rollout.max_prompt_length, self.cfg.data.overlong_prompts)
+        width = bucket_length(int(enc.mask.sum(axis=1).max()), self.cfg.rollout.prompt_length_buckets)
+        enc.ids, enc.mask = pad_prompts_left(enc.ids, enc.mask, width, self.formatter.pad_id)
+        out = generate(self.policy.forward, self.policy.init_cache, self.state.params, enc.ids, enc.mask, key,
+                       sampling, group_size=group_size, buckets=self.cfg.rollout.prompt_length_buckets)
+        return enc, out
+
+    def step(self, step: int) -> dict:
+        cfg, G = self.cfg, self.cfg.rollout.group_size
+        t0 = time.perf_counter()
+        batch = next(self.data)
+        enc, out = self.rollout(batch["prompt"], jax.random.fold_in(self.state.rng, step), self.sampling, G)
+        tokens, mask, truncated = (np.asarray(x) for x in (out.tokens, out.mask, out.truncated))
+        t_rollout = time.perf_counter()
+
+        loss_mask = mask & ~truncated[:, None] if cfg.grpo.mask_truncated_completions else mask
+        rows = lambda x: np.repeat(x, G, axis=0)  # noqa: E731
+        pending = assemble_batch(rows(enc.ids), rows(enc.mask), tokens, loss_mask, np.zeros(len(tokens), np.float32))
+        pending = sharding.shard_rows(pending, self.mesh)
+        pending = self.steps[0](self.state, pending)  # reference / old log-probs, dispatched asynchronously
+        completions = decode_completions(self.policy.tokenizer, tokens, mask)
+        prompts_text = [t for t in enc.texts for _ in range(G)]
+        lengths = mask.sum(axis=1)
+        result = self.rewards.submit(prompts_text, completions, reward_columns(batch, G, lengths),
+                                     completion_ids=tokens, completion_mask=mask).result()
+        t_reward = time.perf_counter()
+
+        advantages = group_advantages(jnp.asarray(result.total), G, cfg.grpo.scale_rewards, cfg.grpo.advantage_eps)
+        advantages = jax.device_put(advantages, sharding.rows_sharding(advantages, self.mesh))
+        self.state, train_metrics = self._update(pending._replace(advantages=advantages))
+        train_metrics = {k: float(v) for k, v in train_metrics.items()}
+        t_train = time.perf_counter()
+
+        groups = result.total.reshape(-1, G)
+        metrics = {
+            **train_metrics,
+            **result.stats("reward/"),
+            "reward/mean": float(result.total.mean()),
+            "reward/std": float(result.total.std()),
+            "reward/zero_std_groups": float(np.mean(groups.max(1) == groups.min(1))),
+            "advantage/abs_mean": float(jnp.mean(jnp.abs(advantages))),
+            "completion/mean_length": float(lengths.mean()),
+            "completion/min_length": float(lengths.min()),
+            "completion/max_length": float(lengths.max()),
+            "completion/truncated": float(truncated.mean()),
+            "time/rollout_s": t_rollout - t0,
+            "time/reward_s": t_reward - t_rollout,
+            "time/train_s": t_train - t_reward,
+            "time/step_s": t_train - t0,
+            "throughput/generated_tokens_per_s": float(out.num_tokens) / max(t_rollout - t0, 1e-9),
+            **enc.metrics(),
+        }
+        self.check_finite(step, metrics)
+        if self.is_main and cfg.logging.log_completions:
+            samples = [{"prompt": prompts_text[i], "completion": completions[i], "reward": float(result.total[i])}
+                       for i in range(0, len(completions), max(1, len(completions) // cfg.logging.log_completions))]
+            self._samples = samples
+        return metrics
+
+    def _update(self, batch: Batch):
+        from grpo_jax.trainer import train_on_batch
+
+        # reference_and_old_logps already ran; run only the updates
+        return train_on_batch(self.state, batch, (lambda state, b: b, self.steps[1]), self.cfg)
+
+    def check_finite(self, step: int, metrics: dict) -> None:
+        skipped = metrics.get("update_skipped", 0.0)
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        if skipped:
+            print(f"warning: step {step + 1}: non-finite loss ({metrics.get('loss')}) or grad norm "
+                  f"({metrics.get('grad_norm')}); update skipped", flush=True)
+        if self.skipped_in_a_row >= self.cfg.run.max_skipped_updates:
+            raise TrainingStopped(
+                f"{self.skipped_in_a_row} steps in a row ending at step {step + 1} had a non-finite loss "
+                f"(last: loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}); lower optim.learning_rate "
+                "or check the rewards and data; the last good checkpoint is kept")
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self, step: int) -> dict:
+        """Greedy pass@1 on the held-out split: each reward function's mean, and the mean length."""
+        if self.eval_data is None:
+            return {}
+        t0 = time.perf_counter()
+        n = min(len(self.eval_data), self.cfg.run.eval_max_examples)
+        it = batches(self.eval_data, self.cfg.data.batch_size * self.cfg.rollout.group_size, seed=0, shuffle=False,
+                     repeat=False, process_index=jax.process_index(), process_count=jax.process_count(),
+                     pad_last=True)
+        scores, lengths, seen = [], [], 0
+        for batch in it:
+            if seen >= n:
+                break
+            enc, out = self.rollout(batch["prompt"], jax.random.PRNGKey(0), self.greedy, 1)
+            tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+            valid = np.asarray(batch["valid"], bool)
+            completions = decode_completions(self.policy.tokenizer, tokens, mask)
+            result = self.rewards.submit(list(enc.texts), completions, reward_columns(batch, 1, mask.sum(1)),
+                                         completion_ids=tokens, completion_mask=mask).result()
+            take = valid & (np.arange(len(valid)) + seen < n)
+            scores.append(result.rewards[take])
+            lengths.append(mask.sum(1)[take])
+            seen += int(valid.sum())
+        scores, lengths = np.concatenate(scores), np.concatenate(lengths)
+        metrics = {f"eval/{name}": float(np.nanmean(scores[:, k])) if np.isfinite(scores[:, k]).any() else math.nan
+                   for k, name in enumerate(self.rewards.names)}
+        if "accuracy" in self.rewards.names:
+            metrics["eval/accuracy"] = metrics["eval/accuracy"]
+        metrics["eval/mean_length"] = float(lengths.mean())
+        metrics["eval/examples"] = float(len(lengths))
+        metrics["eval/time_s"] = time.perf_counter() - t0
+        self.eval_history.append({"step": step, **metrics})
+        return metrics
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        start = self.resume()
+        first_eval = {}
+        if start == 0 and self.eval_data is not None:
+            first_eval = self.evaluate(0)
+            self.logger.log(0, first_eval)
+        step = start
+        with _SignalFlag() as signals:
+            try:
+                for step in range(start, cfg.run.steps):
+                    metrics = self.step(step)
+                    done = step + 1
+                    if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < cfg.run.steps:
+                        metrics.update(self.evaluate(done))
+                    self.history.append({"step": done, **{k: v for k, v in metrics.items() if k in HISTORY_KEYS}})
+                    if done % cfg.logging.every_steps == 0 or done == cfg.run.steps:
+                        self.logger.log(done, metrics)
+                        if getattr(self, "_samples", None):
+                            self.logger.log_samples(done, self._samples)
+                    else:
+                        self.logger.log(done, metrics, console=False)
+                    if signals.received is not None:
+                        self.save(done)
+                        self.checkpointer.wait()
+                        print(f"saved checkpoint {done}; resume with the same command "
+                              f"(checkpoint.resume=true picks it up from {self.run_dir})", flush=True)
+                        return {"stopped_at": done, "signal": signals.received}
+                    if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < cfg.run.steps:
+                        self.save(done, metrics={k: v for k, v in metrics.items() if k.startswith("eval/")} or None)
+                step = cfg.run.steps
+            except RewardError:
+                if step > 0:
+                    self.save(step)
+                    self.checkpointer.wait()
+                raise
+        final_eval = self.evaluate(cfg.run.steps) if self.eval_data is not None and start < cfg.run.steps else {}
+        if final_eval:
+            self.logger.log(cfg.run.steps, final_eval)
+        self.save(cfg.run.steps, metrics=final_eval or None)
+        self.checkpointer.wait()
+        self.logger.close()
+        plots = []
+        if self.is_main:
+            try:
+                plots = [str(p) for p in plot_run(self.run_dir)]
+            except ValueError:
+                plots = []
+        before = self.eval_history[0] if self.eval_history and self.eval_history[0]["step"] == 0 else first_eval
+        return {"before": before, "after": final_eval, "history": self.history, "run_dir": str(self.run_dir),
+                "plots": plots}
+
+    def close(self) -> None:
+        self.rewards.close()
+        self.checkpointer.close()
+
+
+HISTORY_KEYS = ("reward/mean", "loss", "kl", "completion/mean_length", "time/step_s")
+
+
+def train(cfg: Config) -> dict:
+    run = Run(cfg)
+    try:
+        return run.run()
+    finally:
+        run.close()
