@@ -93,6 +93,12 @@ class Checkpointer:
         restored = self.manager.restore(step, args=args)
         return restored["state"], restored["meta"]
 
+    def read(self, step: int) -> tuple[Any, dict]:
+        """(state as saved, as nested dicts of arrays on the default device; meta), with no target state."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        restored = self.manager.restore(step, args=args)
+        return restored["state"], restored["meta"]
+
     def close(self) -> None:
         self.wait()
         self.manager.close()

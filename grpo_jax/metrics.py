@@ -42,8 +42,6 @@ class MetricsLogger:
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.jsonl:
-            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -57,7 +55,9 @@ class MetricsLogger:
             return
         row = {"step": int(step), "time": round(time.time() - self._start, 3)}
         row.update({k: _finite_or_none(v) for k, v in sorted(metrics.items())})
-        if self._jsonl:
+        if self.cfg.jsonl:
+            if self._jsonl is None:  # opened at first use, after a resume has truncated the file
+                self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
             self._jsonl.write(json.dumps(row) + "\n")
         if self._tb:
             for k, v in row.items():

@@ -1,0 +1,104 @@
+"""Runs that survive anything: SIGKILL + resume is bitwise identical, SIGTERM saves and exits 0."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tiny import make_tiny_model
+from test_train_e2e import target_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def train_cmd(model, run_dir, steps=6, *extra):
+    return [sys.executable, "-m", "launch", "train",
+            *target_config(model, run_dir, f"--run.steps={steps}", "--checkpoint.every_steps=1",
+                           "--checkpoint.async_save=false", "--data.eval_split=null", "--grpo.beta=0.04", *extra)]
+
+
+def env():
+    return dict(os.environ, PYTHONPATH=ROOT)
+
+
+def final_state(run_dir):
+    """Params and optimizer state of the newest checkpoint, as numpy leaves."""
+    import jax
+
+    from grpo_jax.checkpoint import Checkpointer
+    from grpo_jax.config import CheckpointConfig
+
+    ckpt = Checkpointer(run_dir, CheckpointConfig())
+    step = ckpt.steps()[-1]
+    state, _ = ckpt.read(step)
+    return step, [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def metrics_rows(run_dir):
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/") and "per_s" not in k}
+            for r in rows]
+
+
+def wait_for_checkpoint(run_dir, step, proc, timeout=300):
+    target = os.path.join(run_dir, "checkpoints", str(step))
+    t0 = time.time()
+    while not os.path.isdir(target):
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before checkpoint {step}: {proc.stdout.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out waiting for a checkpoint")
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tiny_model, tmp_path):
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    out = subprocess.run(train_cmd(tiny_model, straight), env=env(), cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    proc = subprocess.Popen(train_cmd(tiny_model, killed), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(killed, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = subprocess.run(train_cmd(tiny_model, killed), env=env(), cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from checkpoint" in out.stdout
+
+    step_a, a = final_state(straight)
+    step_b, b = final_state(killed)
+    assert step_a == step_b == 6
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert metrics_rows(straight) == metrics_rows(killed)
+
+
+def test_sigterm_saves_the_current_step_and_exits_zero_then_resume_continues(tiny_model, tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = subprocess.Popen(train_cmd(tiny_model, run_dir, 200), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(run_dir, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "SIGTERM received" in output and "resume with the same command" in output
+    step, _ = final_state(run_dir)
+    assert 2 <= step < 200
+    out = subprocess.run(train_cmd(tiny_model, run_dir, step + 2), env=env(), cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and f"resumed from checkpoint {step}" in out.stdout, out.stderr[-3000:]
+    assert final_state(run_dir)[0] == step + 2
