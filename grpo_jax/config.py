@@ -90,6 +90,12 @@ class GRPOConfig:
     """Split each generation batch into this many minibatches per pass."""
     mask_truncated_completions: bool = False
     """Exclude completions that hit max_completion_length without a stop token from the loss (DAPO)."""
+    filter_zero_std_groups: bool = False
+    """Leave groups whose rewards are all equal out of the loss and its token counts (DAPO dynamic sampling, without resampling)."""
+    ref_sync_steps: int = 0
+    """Every N steps move the reference toward the policy: ref = alpha * policy + (1 - alpha) * ref (TR-DPO); 0: frozen."""
+    ref_mixup_alpha: float = 0.6
+    """alpha of the reference sync."""
 
     @property
     def epsilon_upper(self) -> float:
@@ -206,6 +212,8 @@ class LoggingConfig:
     """Write TensorBoard event files in the run dir."""
     log_completions: int = 2
     """Sample completions printed at each log step."""
+    peak_tflops_per_device: Optional[float] = None
+    """Peak dense TFLOP/s of one device (e.g. 989 for an H100 in bf16); when set, train-step MFU is logged."""
 
 
 @dataclass(frozen=True)
@@ -415,6 +423,8 @@ def validate(cfg: Config) -> None:
     need(g.delta is None or g.delta > 1 + g.epsilon_upper,
          f"grpo.delta={g.delta} must exceed 1 + epsilon_high = {1 + g.epsilon_upper}, or it caps ratios the clip already allows")
     need(g.advantage_eps >= 0, "grpo.advantage_eps must be >= 0")
+    need(g.ref_sync_steps >= 0 and 0 < g.ref_mixup_alpha <= 1,
+         "grpo.ref_sync_steps must be >= 0 and grpo.ref_mixup_alpha in (0, 1]")
     need(g.num_iterations >= 1, "grpo.num_iterations must be >= 1")
     need(g.num_minibatches >= 1, "grpo.num_minibatches must be >= 1")
     need((d.batch_size * r.group_size) % g.num_minibatches == 0,

@@ -37,7 +37,8 @@ from grpo_jax.objective import group_advantages
 from grpo_jax.optim import make_optimizer
 from grpo_jax.rewards import RewardError, RewardSet
 from grpo_jax.rollout import SamplingParams, bucket_length, generate, pad_prompts_left
-from grpo_jax.trainer import Batch, TrainState, assemble_batch, init_train_state, is_on_policy, make_steps
+from grpo_jax.trainer import (Batch, assemble_batch, init_train_state, make_steps, sync_reference, train_flops,
+                              train_on_batch)
 
 SKIP_COLUMNS = ("prompt", "index", "valid")
 
@@ -165,6 +166,8 @@ class Run:
                                                               self.mesh)
         self.state = jax.device_put(state, self.state_shardings)
         self.steps = make_steps(self.policy.forward, self.optimizer, cfg, self.state_shardings)
+        self.sync_reference = jax.jit(functools.partial(sync_reference, alpha=cfg.grpo.ref_mixup_alpha),
+                                      donate_argnums=0, out_shardings=self.state_shardings)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
         self.logger = MetricsLogger(self.run_dir, cfg.logging, cfg.run.steps, is_main=self.is_main)
         self.history: list[dict] = []
@@ -226,17 +229,23 @@ class Run:
 
         advantages = group_advantages(jnp.asarray(result.total), G, cfg.grpo.scale_rewards, cfg.grpo.advantage_eps)
         advantages = jax.device_put(advantages, sharding.rows_sharding(advantages, self.mesh))
+        groups = result.total.reshape(-1, G)
+        flat_groups = groups.max(1) == groups.min(1)
+        if cfg.grpo.filter_zero_std_groups:
+            informative = np.repeat(~flat_groups, G)[:, None]
+            pending = pending._replace(completion_mask=sharding.shard_rows(loss_mask & informative, self.mesh))
         self.state, train_metrics = self._update(pending._replace(advantages=advantages))
+        if cfg.grpo.beta != 0 and cfg.grpo.ref_sync_steps and (step + 1) % cfg.grpo.ref_sync_steps == 0:
+            self.state = self.sync_reference(self.state)
         train_metrics = {k: float(v) for k, v in train_metrics.items()}
         t_train = time.perf_counter()
-
-        groups = result.total.reshape(-1, G)
+        flops = train_flops(self.policy.config, len(tokens), pending.tokens.shape[1], cfg)
         metrics = {
             **train_metrics,
             **result.stats("reward/"),
             "reward/mean": float(result.total.mean()),
             "reward/std": float(result.total.std()),
-            "reward/zero_std_groups": float(np.mean(groups.max(1) == groups.min(1))),
+            "reward/zero_std_groups": float(np.mean(flat_groups)),
             "advantage/abs_mean": float(jnp.mean(jnp.abs(advantages))),
             "completion/mean_length": float(lengths.mean()),
             "completion/min_length": float(lengths.min()),
@@ -247,8 +256,12 @@ class Run:
             "time/train_s": t_train - t_reward,
             "time/step_s": t_train - t0,
             "throughput/generated_tokens_per_s": float(out.num_tokens) / max(t_rollout - t0, 1e-9),
+            "throughput/train_tflops": flops / max(t_train - t_reward, 1e-9) / 1e12,
             **enc.metrics(),
         }
+        peak = cfg.logging.peak_tflops_per_device
+        if peak:
+            metrics["throughput/train_mfu"] = metrics["throughput/train_tflops"] / (peak * jax.device_count())
         self.check_finite(step, metrics)
         if self.is_main and cfg.logging.log_completions:
             samples = [{"prompt": prompts_text[i], "completion": completions[i], "reward": float(result.total[i])}
@@ -257,8 +270,6 @@ class Run:
         return metrics
 
     def _update(self, batch: Batch):
-        from grpo_jax.trainer import train_on_batch
-
         # reference_and_old_logps already ran; run only the updates
         return train_on_batch(self.state, batch, (lambda state, b: b, self.steps[1]), self.cfg)
 

@@ -121,6 +121,20 @@ def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: 
     return reference_and_old_logps, jax.jit(update_step, donate_argnums=0, out_shardings=out_shardings)
 
 
+def sync_reference(state: TrainState, alpha: float) -> TrainState:
+    """ref <- alpha * policy + (1 - alpha) * ref (TR-DPO style soft update of the reference); jit it."""
+    ref = jax.tree.map(lambda r, p: (alpha * p.astype(jnp.float32) + (1 - alpha) * r.astype(jnp.float32)).astype(r.dtype),
+                       state.ref_params, state.params)
+    return state.replace(ref_params=ref)
+
+
+def train_flops(config, rows: int, seq_len: int, cfg: Config) -> float:
+    """Model FLOPs of one GRPO update phase: forward+backward per pass, plus the no-grad forwards."""
+    forward = config.forward_flops_per_token(seq_len) * rows * seq_len
+    extra = (cfg.grpo.beta != 0) + (not is_on_policy(cfg))
+    return forward * (3 * cfg.grpo.num_iterations + extra)
+
+
 def train_on_batch(state: TrainState, batch: Batch, steps, cfg: Config, rng: np.random.Generator | None = None):
     """All optimizer updates of one generation batch. Returns (state, metrics averaged over updates)."""
     reference_and_old_logps, update_step = steps

@@ -4,12 +4,10 @@ equal a full forward's; shared prefill equals the plain path."""
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from grpo_jax import token_logprobs
 from grpo_jax.models import transformer as tf
 from grpo_jax.models.hf import load_hf
 from grpo_jax.rollout import SamplingParams, generate, row_keys

@@ -1,0 +1,471 @@
+"""Will this run fit? Per-device memory of a run config on a mesh, without allocating weights.
+
+`plan(cfg, model_config, mesh)` builds the train state, batches and KV cache as
+abstract arrays (`jax.ShapeDtypeStruct` with shardings), lowers and compiles the
+three device programs of a GRPO step against them -- the rollout
+(`rollout._generate_jit`), the reference / old log-probs and the update step
+(`trainer.make_steps`) -- and reads XLA's buffer assignment
+(`compiled.memory_analysis()`): argument, output, aliased and temp bytes per device.
+Nothing is executed and no weight is ever materialised, so a 7B model can be
+planned for a 64-chip pod on a laptop's fake CPU devices.
+
+Caveat: compiled for CPU, the temp numbers come from the CPU compiler, whose fusion
+and buffer reuse differ from TPU / GPU (usually more temp, never less of the
+resident state). Run the same command on the accelerator itself for its own
+compiler's numbers; the resident bytes (params, optimizer, reference) are exact.
+
+`python -m launch plan` is the command-line face (see launch/plan.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grpo_jax import sharding as shd
+from grpo_jax.config import Config
+from grpo_jax.models import transformer as tf
+
+GiB = 1024 ** 3
+
+# ---------------------------------------------------------------- model shapes
+
+# The fields of each model's HF config.json that shape it (copied from the hub's config files).
+_QWEN2 = dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+              max_position_embeddings=32768, use_sliding_window=False, attention_bias=True)
+_QWEN3 = dict(model_type="qwen3", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+              max_position_embeddings=40960, use_sliding_window=False, attention_bias=False, head_dim=128)
+_LLAMA32 = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500_000.0,
+                max_position_embeddings=131072, vocab_size=128256,
+                rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=8192))
+
+PRESETS: dict[str, dict] = {
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                         rope_theta=100_000.0, rms_norm_eps=1e-5, max_position_embeddings=8192, hidden_act="silu"),
+    "smollm2-360m": dict(model_type="llama", hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                         num_attention_heads=15, num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True,
+                         rope_theta=100_000.0, rms_norm_eps=1e-5, max_position_embeddings=8192, hidden_act="silu"),
+    "qwen2.5-0.5b": dict(_QWEN2, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(_QWEN2, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-3b": dict(_QWEN2, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(_QWEN2, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=151936, tie_word_embeddings=False),
+    "llama3.2-1b": dict(_LLAMA32, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "llama3.2-3b": dict(_LLAMA32, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                        num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "llama3.1-8b": dict(_LLAMA32, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                        rope_scaling=dict(_LLAMA32["rope_scaling"], factor=8.0)),
+}
+
+
+def preset_name(name_or_path: str) -> Optional[str]:
+    """The preset a model name or hub id refers to ("Qwen/Qwen2.5-7B-Instruct" -> "qwen2.5-7b"), or None."""
+    key = name_or_path.rstrip("/").rsplit("/", 1)[-1].lower().replace("_", "-")
+    key = re.sub(r"-(instruct|it|base|chat)$", "", key)
+    key = key.replace("llama-3.", "llama3.")
+    return key if key in PRESETS else None
+
+
+def model_config_for(cfg: Config, preset: Optional[str] = None) -> tuple[tf.TransformerConfig, str]:
+    """The decoder shape of a run: (TransformerConfig with the run's dtypes and remat, where it came from).
+
+    preset (a PRESETS name or hub id) wins; else `model.path` as a local folder
+    (config.json, or model_config.json of a converted checkpoint); else `model.path`
+    matched against the presets by name. No weights are read, nothing is downloaded.
+    """
+    from grpo_jax.models.hf import config_from_hf
+
+    m = cfg.model
+    overrides = dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat)
+    if preset is not None:
+        name = preset_name(preset)
+        if name is None:
+            raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
+        return config_from_hf(PRESETS[name], **overrides), f"preset {name}"
+    path = Path(os.path.expanduser(m.path))
+    if (path / "model_config.json").is_file():
+        config = tf.TransformerConfig.from_json((path / "model_config.json").read_text())
+        return config.replace(**overrides), str(path / "model_config.json")
+    if (path / "config.json").is_file():
+        return config_from_hf(str(path / "config.json"), **overrides), str(path / "config.json")
+    name = preset_name(m.path)
+    if name is not None:
+        return config_from_hf(PRESETS[name], **overrides), f"preset {name} (from model.path={m.path})"
+    raise ValueError(f"model.path={m.path} is not a local model folder and matches no preset; "
+                     f"pass --model-preset (one of: {', '.join(PRESETS)})")
+
+
+# ---------------------------------------------------------------- device memory
+
+# HBM per device (a chip; a TensorCore for v2 / v3), GiB.
+DEVICE_MEMORY_GIB = {
+    "v2": 8, "v3": 16, "v4": 32, "v5e": 16, "v5p": 95, "v6e": 32,
+    "h100": 80, "h200": 141, "a100-40gb": 40, "a100": 80, "l4": 24, "b200": 180,
+}
+_KIND_ALIASES = (("v5 lite", "v5e"), ("v5litepod", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"), ("tpu v5", "v5p"),
+                 ("v6 lite", "v6e"), ("v6e", "v6e"), ("tpu v4", "v4"), ("tpu v3", "v3"), ("tpu v2", "v2"),
+                 ("h200", "h200"), ("h100", "h100"), ("a100-sxm4-40gb", "a100-40gb"), ("a100 40gb", "a100-40gb"),
+                 ("a100", "a100"), ("l4", "l4"), ("b200", "b200"))
+
+
+def device_kind_key(kind: str) -> Optional[str]:
+    """'TPU v5 lite' -> 'v5e', 'NVIDIA H100 80GB HBM3' -> 'h100', 'v5p' -> 'v5p'; None when unknown."""
+    k = kind.lower()
+    if k in DEVICE_MEMORY_GIB:
+        return k
+    return next((key for pattern, key in _KIND_ALIASES if pattern in k), None)
+
+
+def device_memory_bytes(device: jax.Device) -> Optional[int]:
+    """What the runtime says a real accelerator holds (None on CPU)."""
+    if device.platform == "cpu":
+        return None
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    key = device_kind_key(device.device_kind)
+    return None if key is None else DEVICE_MEMORY_GIB[key] * GiB
+
+
+# ---------------------------------------------------------------- abstract arrays
+
+
+def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes one device holds of a pytree of ShapeDtypeStructs (or arrays) with shardings (the largest shard)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        sh = getattr(x, "sharding", None)
+        shape = sh.shard_shape(x.shape) if sh is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def total_bytes(tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def abstract_params(model_config: tf.TransformerConfig, mesh, rules=shd.DEFAULT_RULES):
+    """(params as ShapeDtypeStructs with their shardings, the shardings) -- nothing allocated."""
+    from flax import nnx
+
+    abs_model = tf.abstract_model(model_config)
+    params = nnx.to_pure_dict(nnx.state(abs_model, nnx.Param))
+    shardings = tf.param_shardings(abs_model, mesh, rules)
+    return jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), params, shardings), shardings
+
+
+def abstract_train_state(model_config: tf.TransformerConfig, cfg: Config, mesh):
+    """(abstract TrainState with shardings, its shardings, the optimizer, param shardings)."""
+    from grpo_jax.optim import make_optimizer
+    from grpo_jax.trainer import init_train_state
+
+    params, param_shardings = abstract_params(model_config, mesh)
+    updates = max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
+    optimizer = make_optimizer(cfg.optim, updates)
+    plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    state = jax.eval_shape(lambda p: init_train_state(p, optimizer, jax.random.PRNGKey(0), cfg.grpo.beta != 0), plain)
+    state_shardings = shd.train_state_shardings(state, optimizer, param_shardings, mesh)
+    state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), state, state_shardings)
+    return state, state_shardings, optimizer, param_shardings
+
+
+def prompt_width(cfg: Config) -> int:
+    """P: the prompt bucket max_prompt_length pads up to (the widest prompt a run sees)."""
+    from grpo_jax.rollout import bucket_length
+
+    try:
+        return bucket_length(cfg.rollout.max_prompt_length, cfg.rollout.prompt_length_buckets)
+    except ValueError:
+        return cfg.rollout.max_prompt_length
+
+
+def abstract_batch(cfg: Config, mesh, rows: int, with_old: bool, with_ref: bool):
+    """A Batch of `rows` sequences of P + N tokens (see trainer.Batch), rows split over data x fsdp."""
+    from grpo_jax.trainer import Batch
+
+    P, N = prompt_width(cfg), cfg.rollout.max_completion_length
+    T = P + N
+
+    def arr(shape, dtype):
+        return _sds(shape, dtype, shd.rows_sharding(jax.ShapeDtypeStruct(shape, dtype), mesh))
+
+    return Batch(tokens=arr((rows, T), jnp.int32), positions=arr((rows, T), jnp.int32),
+                 attention_mask=arr((rows, T), jnp.bool_), completion_mask=arr((rows, N), jnp.bool_),
+                 advantages=arr((rows,), jnp.float32),
+                 old_logp=arr((rows, N), jnp.float32) if with_old else None,
+                 ref_logp=arr((rows, N), jnp.float32) if with_ref else None)
+
+
+def kv_cache_bytes(model_config: tf.TransformerConfig, rows: int, length: int, mesh) -> tuple[int, int]:
+    """(total, per device) bytes of the rollout's K and V caches: rows split over data x fsdp, kv heads over tensor."""
+    c = model_config
+    total = 2 * c.num_layers * rows * length * c.num_kv_heads * c.head_dim * jnp.dtype(c.compute_jnp_dtype).itemsize
+    dp = shd.data_parallel_size(mesh)
+    split = (dp if rows % dp == 0 else 1) * (mesh.shape["tensor"] if c.num_kv_heads % mesh.shape["tensor"] == 0 else 1)
+    return total, total // split
+
+
+# ---------------------------------------------------------------- compiling
+
+
+def compile_stats(jitted, *args) -> dict:
+    """Lower + compile a jitted function on abstract args; XLA's per-device memory numbers and the time taken."""
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    ma = compiled.memory_analysis()
+    out = {"lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
+    for key in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                "generated_code_size_in_bytes"):
+        out[key.replace("_size_in_bytes", "")] = int(getattr(ma, key, 0) or 0) if ma is not None else None
+    return out
+
+
+def _with_peak(stats: dict, resident: int, other_args: int) -> dict:
+    """Peak bytes per device while a program runs: the resident train state (on device all along, whether
+    or not the program reads it), its other inputs, its outputs not written over donated inputs, its temps."""
+    stats["other_args"] = other_args
+    stats["peak"] = resident + other_args + max(stats["output"] - stats["alias"], 0) + stats["temp"]
+    return stats
+
+
+def _rollout_program(model_config, cfg: Config, params, mesh):
+    from grpo_jax.rollout import SamplingParams, _generate_jit
+
+    B, G = cfg.data.batch_size, cfg.rollout.group_size
+    P = prompt_width(cfg)
+    sp = SamplingParams.from_config(cfg.rollout, stop_token_ids=(0,), pad_token_id=0)
+
+    def arr(shape, dtype):
+        return _sds(shape, dtype, shd.rows_sharding(jax.ShapeDtypeStruct(shape, dtype), mesh))
+
+    forward = functools.partial(tf.apply, model_config)
+    init_cache = functools.partial(tf.init_cache, model_config)
+    fn = functools.partial(_generate_jit, forward, init_cache)
+    jitted = jax.jit(lambda p, ids, mask, keys: fn(p, ids, mask, keys, sp, G, True, 1))
+    return jitted, (params, arr((B, P), jnp.int32), arr((B, P), jnp.bool_), arr((B * G, 2), jnp.uint32))
+
+
+def plan(cfg: Config, model_config: tf.TransformerConfig, mesh, *, programs=("rollout", "logps", "update"),
+         device_memory: Optional[int] = None, device_kind: Optional[str] = None,
+         compare_logprobs: bool = False, progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Per-device memory report of one GRPO step of `cfg` on `mesh` (a dict; see format_report)."""
+    from grpo_jax.trainer import is_on_policy, make_steps
+
+    state, state_shardings, optimizer, _ = abstract_train_state(model_config, cfg, mesh)
+    B, G = cfg.data.batch_size, cfg.rollout.group_size
+    rows = B * G
+    P, N = prompt_width(cfg), cfg.rollout.max_completion_length
+    params_b = bytes_per_device(state.params)
+    opt_b = bytes_per_device(state.opt_state)
+    ref_b = bytes_per_device(state.ref_params) if state.ref_params is not None else 0
+    resident = bytes_per_device(state)
+    kv_total, kv_dev = kv_cache_bytes(model_config, rows, P + N, mesh)
+    report: dict[str, Any] = {
+        "model": {"num_params": model_config.num_params(), "param_dtype": model_config.param_dtype,
+                  "compute_dtype": model_config.compute_dtype, "remat": model_config.remat_policy,
+                  "layers": model_config.num_layers, "hidden": model_config.hidden_size,
+                  "vocab": model_config.vocab_size},
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "devices": int(mesh.devices.size),
+        "platform": mesh.devices.flat[0].platform,
+        "batch": {"prompts": B, "group_size": G, "rows": rows, "prompt_tokens": P, "completion_tokens": N,
+                  "minibatch_rows": rows // cfg.grpo.num_minibatches},
+        "per_device_bytes": {
+            "params": params_b, "optimizer_state": opt_b, "grads (in update temp)": params_b,
+            "reference_params": ref_b, "kv_cache (in rollout temp)": kv_dev, "resident_state": resident,
+        },
+        "total_bytes": {"params": total_bytes(state.params), "optimizer_state": total_bytes(state.opt_state),
+                        "reference_params": total_bytes(state.ref_params) if state.ref_params is not None else 0,
+                        "kv_cache": kv_total},
+        "programs": {},
+    }
+    steps = None
+    if "logps" in programs or "update" in programs:
+        steps = make_steps(functools.partial(tf.apply, model_config), optimizer, cfg, state_shardings)
+    with_ref, with_old = cfg.grpo.beta != 0, not is_on_policy(cfg)
+    progs = report["programs"]
+    if "rollout" in programs:
+        progress("compiling the rollout")
+        jitted, args = _rollout_program(model_config, cfg, state.params, mesh)
+        progs["rollout"] = _with_peak(compile_stats(jitted, *args), resident, bytes_per_device(args[1:]))
+    if "logps" in programs and (with_ref or with_old):
+        progress("compiling reference / old log-probs")
+        batch = abstract_batch(cfg, mesh, rows, False, False)
+        progs["logps"] = _with_peak(compile_stats(steps[0], state, batch), resident, bytes_per_device(batch))
+    if "update" in programs:
+        progress("compiling the update step")
+        mb = abstract_batch(cfg, mesh, rows // cfg.grpo.num_minibatches, with_old, with_ref)
+        progs["update"] = _with_peak(compile_stats(steps[1], state, mb), resident, bytes_per_device(mb))
+    if compare_logprobs:
+        progress("compiling log-prob variants")
+        report["logprob_variants"] = compare_logprob_variants(model_config, cfg, mesh, state.params)
+    peak = max([resident] + [p["peak"] for p in progs.values()])
+    report["peak_bytes"] = peak
+    report["device_kind"] = device_kind
+    report["device_memory_bytes"] = device_memory
+    if device_memory:
+        frac = peak / device_memory
+        report["fits"] = frac <= 1.0
+        report["verdict"] = ("fits" if frac <= 0.85 else "tight" if frac <= 1.0 else "does NOT fit")
+        report["verdict_line"] = (f"{report['verdict']}: peak {_gib(peak)} of {_gib(device_memory)} per device "
+                                  f"({100 * frac:.0f}%)")
+    return report
+
+
+# ---------------------------------------------------------------- issue 9: log-prob memory
+
+
+def logprob_variants(model_config: tf.TransformerConfig, temperature: float = 1.0, seq_chunk: int = 128):
+    """Three ways to get completion log-probs [R, N] from (params, Batch), for comparing their memory.
+
+    current: `trainer.completion_logprobs` (full float32 logits [R, T, V] from the model,
+             then `objective.token_logprobs` chunked over tokens);
+    naive:   full logits then one log_softmax over all of them;
+    hidden_chunked: the model's final hidden states [R, T, D], then the unembedding,
+             log-softmax and gather `seq_chunk` positions at a time under jax.checkpoint,
+             so no [R, T, V] array exists in the forward or the backward pass.
+    """
+    from grpo_jax.trainer import completion_logprobs
+
+    forward = functools.partial(tf.apply, model_config)
+
+    def current(params, batch):
+        return completion_logprobs(forward, params, batch, temperature)
+
+    def naive(params, batch):
+        n = batch.completion_mask.shape[1]
+        logits, _ = forward(params, batch.tokens, batch.positions, batch.attention_mask, None)
+        lp = jax.nn.log_softmax(logits[:, -n - 1:-1].astype(jnp.float32) / temperature, axis=-1)
+        return jnp.take_along_axis(lp, batch.tokens[:, -n:, None], axis=-1)[..., 0]
+
+    def hidden_chunked(params, batch):
+        n = batch.completion_mask.shape[1]
+        hidden, _ = tf.apply(model_config, params, batch.tokens, batch.positions, batch.attention_mask, None,
+                             return_hidden=True)
+        h = hidden[:, -n - 1:-1]  # [R, N, D]
+        targets = batch.tokens[:, -n:]
+        c = max(d for d in range(1, min(seq_chunk, n) + 1) if n % d == 0)
+
+        @jax.checkpoint
+        def one(hc, tc):  # hc [R, c, D], tc [R, c]
+            x = tf.logits_from_hidden(model_config, params, hc) / temperature
+            lse = jax.nn.logsumexp(x, axis=-1)
+            return jnp.take_along_axis(x, tc[..., None], axis=-1)[..., 0] - lse
+
+        hs = jnp.moveaxis(h.reshape(h.shape[0], n // c, c, h.shape[-1]), 1, 0)
+        ts = jnp.moveaxis(targets.reshape(targets.shape[0], n // c, c), 1, 0)
+        out = jax.lax.map(lambda xs: one(*xs), (hs, ts))  # [n/c, R, c]
+        return jnp.moveaxis(out, 0, 1).reshape(targets.shape)
+
+    return {"current": current, "naive": naive, "hidden_chunked": hidden_chunked}
+
+
+def compare_logprob_variants(model_config, cfg: Config, mesh, params=None, seq_chunk: int = 128) -> dict:
+    """Compiled temp bytes per device of value_and_grad(masked mean log-prob) under each variant.
+
+    This is the part of the update step that differs between them (the optimizer
+    and the rest of the loss are the same), at the update step's minibatch size.
+    """
+    if params is None:
+        params, _ = abstract_params(model_config, mesh)
+    rows = cfg.data.batch_size * cfg.rollout.group_size // cfg.grpo.num_minibatches
+    batch = abstract_batch(cfg, mesh, rows, False, False)
+    out = {}
+    for name, fn in logprob_variants(model_config, cfg.rollout.temperature or 1.0, seq_chunk).items():
+        def loss(p, b, fn=fn):
+            logp = fn(p, b)
+            m = b.completion_mask.astype(jnp.float32)
+            return jnp.sum(logp * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+        jitted = jax.jit(jax.value_and_grad(loss))
+        out[name] = compile_stats(jitted, params, batch)
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+
+def _gib(n: Optional[int]) -> str:
+    if n is None:
+        return "n/a"
+    if n >= GiB / 10:
+        return f"{n / GiB:.2f} GiB"
+    if n >= 1024 ** 2 / 10:
+        return f"{n / 1024 ** 2:.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
+
+
+def format_report(r: dict) -> str:
+    m, b = r["model"], r["batch"]
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    lines = [
+        f"model: {r.get('model_source', '')}  {m['num_params'] / 1e9:.3f}B params, {m['layers']} layers, "
+        f"hidden {m['hidden']}, vocab {m['vocab']}, param {m['param_dtype']}, compute {m['compute_dtype']}, "
+        f"remat {m['remat']}",
+        f"mesh: {mesh} over {r['devices']} {r['platform']} devices",
+        f"batch: {b['prompts']} prompts x G={b['group_size']} = {b['rows']} rows of {b['prompt_tokens']} prompt + "
+        f"{b['completion_tokens']} completion tokens (update minibatch {b['minibatch_rows']} rows)",
+        "",
+        f"{'per device':<28}{'bytes':>14}",
+    ]
+    for key, value in r["per_device_bytes"].items():
+        lines.append(f"  {key:<26}{_gib(value):>14}")
+    if r["programs"]:
+        lines += ["", f"{'compiled program':<18}{'args':>11}{'batch in':>11}{'output':>11}{'aliased':>11}"
+                  f"{'temp':>11}{'peak':>11}{'compile':>10}"]
+        for name, p in r["programs"].items():
+            lines.append(f"  {name:<16}{_gib(p['argument']):>11}{_gib(p['other_args']):>11}{_gib(p['output']):>11}"
+                         f"{_gib(p['alias']):>11}{_gib(p['temp']):>11}{_gib(p['peak']):>11}{p['compile_s']:>9.1f}s")
+        lines.append("  peak = resident state + batch in + (output - aliased) + temp")
+    if r.get("logprob_variants"):
+        lines += ["", "log-prob + backward temp per device (issue 9):"]
+        for name, p in r["logprob_variants"].items():
+            lines.append(f"  {name:<16}{_gib(p['temp']):>12}")
+    lines.append("")
+    lines.append(f"peak per device: {_gib(r['peak_bytes'])}")
+    if r.get("verdict_line"):
+        kind = f" ({r['device_kind']})" if r.get("device_kind") else ""
+        lines.append(f"verdict{kind}: {r['verdict_line']}")
+    if r["platform"] == "cpu" and r["programs"]:
+        lines.append("note: temp bytes come from the CPU compiler; TPU / GPU fuse differently (run `plan` on the "
+                     "accelerator for its own numbers). Resident bytes are exact.")
+    return "\n".join(lines)
+
+
+def to_json(r: dict) -> str:
+    return json.dumps(r, indent=2, sort_keys=False, default=lambda o: int(o) if isinstance(o, np.integer) else str(o))
