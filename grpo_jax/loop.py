@@ -13,7 +13,6 @@ log-probs of the same batch (JAX dispatches those asynchronously).
 from __future__ import annotations
 
 import functools
-import math
 import os
 import signal
 import time
@@ -28,8 +27,9 @@ from flax import nnx
 
 from grpo_jax import sharding
 from grpo_jax.checkpoint import Checkpointer, abstract_like
-from grpo_jax.config import Config, save_config, to_dict, to_yaml
+from grpo_jax.config import CheckpointConfig, Config, save_config, to_dict, to_yaml
 from grpo_jax.data import PromptFormatter, batches, load_dataset
+from grpo_jax.evaluate import evaluate
 from grpo_jax.metrics import MetricsLogger, plot_run, truncate_metrics
 from grpo_jax.models import transformer as tf
 from grpo_jax.models.hf import load_converted, load_hf, load_tokenizer
@@ -130,27 +130,51 @@ class _SignalFlag:
             signal.signal(sig, handler)
 
 
-class Run:
-    """One training run's live objects. `train(cfg)` builds one and calls `run()`."""
+class Generation:
+    """What sampling and scoring need: mesh, policy, prompts, rewards. Evaluation runs on this alone."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.run_dir = Path(cfg.run.output_dir)
         self.is_main = jax.process_index() == 0
-        if self.is_main:
-            print("resolved config:\n" + to_yaml(cfg).rstrip(), flush=True)
-            save_config(cfg, self.run_dir)
         self.mesh = sharding.make_mesh(cfg.mesh)
         self.policy = load_policy(cfg, self.mesh)
         self.formatter = PromptFormatter.from_config(cfg.data, self.policy.tokenizer)
-        G = cfg.rollout.group_size
         self.rewards = RewardSet(cfg.rewards.functions, cfg.rewards.weights or None, on_error=cfg.rewards.on_error,
                                  num_workers=cfg.rewards.num_workers,
-                                 context={"group_size": G, "max_completion_len": cfg.rollout.max_completion_length})
+                                 context={"group_size": cfg.rollout.group_size,
+                                          "max_completion_len": cfg.rollout.max_completion_length})
         self.sampling = SamplingParams.from_config(cfg.rollout, stop_token_ids(self.policy.tokenizer),
                                                    self.formatter.pad_id)
         self.greedy = SamplingParams(cfg.rollout.max_completion_length, temperature=0.0,
                                      stop_token_ids=self.sampling.stop_token_ids, pad_token_id=self.formatter.pad_id)
+
+    @property
+    def params(self):
+        """The weights that sample: the loaded ones here, the training state's in a Run."""
+        return self.policy.params
+
+    def rollout(self, prompts, key, sampling: SamplingParams, group_size: int):
+        """Encode, pad to the prompt bucket (the width the train step sees too), sample."""
+        enc = self.formatter.encode(prompts, self.cfg.rollout.max_prompt_length, self.cfg.data.overlong_prompts)
+        width = bucket_length(int(enc.mask.sum(axis=1).max()), self.cfg.rollout.prompt_length_buckets)
+        enc.ids, enc.mask = pad_prompts_left(enc.ids, enc.mask, width, self.formatter.pad_id)
+        out = generate(self.policy.forward, self.policy.init_cache, self.params, enc.ids, enc.mask, key,
+                       sampling, group_size=group_size, buckets=self.cfg.rollout.prompt_length_buckets)
+        return enc, out
+
+    def close(self) -> None:
+        self.rewards.close()
+
+
+class Run(Generation):
+    """One training run's live objects. `train(cfg)` builds one and calls `run()`."""
+
+    def __init__(self, cfg: Config):
+        self.run_dir = Path(cfg.run.output_dir)
+        if jax.process_index() == 0:
+            print("resolved config:\n" + to_yaml(cfg).rstrip(), flush=True)
+            save_config(cfg, self.run_dir)
+        super().__init__(cfg)
         updates = max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
         self.optimizer = make_optimizer(cfg.optim, updates)
         self.train_data = load_dataset(cfg.data, cfg.data.split, cfg.run.seed)
@@ -173,6 +197,10 @@ class Run:
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
         self.skipped_in_a_row = 0
+
+    @property
+    def params(self):
+        return self.state.params
 
     # ------------------------------------------------------------ checkpoints
 
@@ -197,15 +225,6 @@ class Run:
         self.checkpointer.save(step, self.state, meta, metrics=metrics)
 
     # ------------------------------------------------------------ one step
-
-    def rollout(self, prompts, key, sampling: SamplingParams, group_size: int):
-        """Encode, pad to the prompt bucket (the width the train step sees too), sample."""
-        enc = self.formatter.encode(prompts, self.cfg.rollout.max_prompt_length, self.cfg.data.overlong_prompts)
-        width = bucket_length(int(enc.mask.sum(axis=1).max()), self.cfg.rollout.prompt_length_buckets)
-        enc.ids, enc.mask = pad_prompts_left(enc.ids, enc.mask, width, self.formatter.pad_id)
-        out = generate(self.policy.forward, self.policy.init_cache, self.state.params, enc.ids, enc.mask, key,
-                       sampling, group_size=group_size, buckets=self.cfg.rollout.prompt_length_buckets)
-        return enc, out
 
     def step(self, step: int) -> dict:
         cfg, G = self.cfg, self.cfg.rollout.group_size
@@ -291,33 +310,7 @@ class Run:
         """Greedy pass@1 on the held-out split: each reward function's mean, and the mean length."""
         if self.eval_data is None:
             return {}
-        t0 = time.perf_counter()
-        n = min(len(self.eval_data), self.cfg.run.eval_max_examples)
-        it = batches(self.eval_data, self.cfg.data.batch_size * self.cfg.rollout.group_size, seed=0, shuffle=False,
-                     repeat=False, process_index=jax.process_index(), process_count=jax.process_count(),
-                     pad_last=True)
-        scores, lengths, seen = [], [], 0
-        for batch in it:
-            if seen >= n:
-                break
-            enc, out = self.rollout(batch["prompt"], jax.random.PRNGKey(0), self.greedy, 1)
-            tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-            valid = np.asarray(batch["valid"], bool)
-            completions = decode_completions(self.policy.tokenizer, tokens, mask)
-            result = self.rewards.submit(list(enc.texts), completions, reward_columns(batch, 1, mask.sum(1)),
-                                         completion_ids=tokens, completion_mask=mask).result()
-            take = valid & (np.arange(len(valid)) + seen < n)
-            scores.append(result.rewards[take])
-            lengths.append(mask.sum(1)[take])
-            seen += int(valid.sum())
-        scores, lengths = np.concatenate(scores), np.concatenate(lengths)
-        metrics = {f"eval/{name}": float(np.nanmean(scores[:, k])) if np.isfinite(scores[:, k]).any() else math.nan
-                   for k, name in enumerate(self.rewards.names)}
-        if "accuracy" in self.rewards.names:
-            metrics["eval/accuracy"] = metrics["eval/accuracy"]
-        metrics["eval/mean_length"] = float(lengths.mean())
-        metrics["eval/examples"] = float(len(lengths))
-        metrics["eval/time_s"] = time.perf_counter() - t0
+        metrics = evaluate(self, self.eval_data, self.cfg.run.eval_max_examples)
         self.eval_history.append({"step": step, **metrics})
         return metrics
 
@@ -376,7 +369,7 @@ class Run:
                 "plots": plots}
 
     def close(self) -> None:
-        self.rewards.close()
+        super().close()
         self.checkpointer.close()
 
 
@@ -389,3 +382,40 @@ def train(cfg: Config) -> dict:
         return run.run()
     finally:
         run.close()
+
+
+def checkpoint_params(run_dir: str | os.PathLike, step: Optional[int] = None, best: bool = False) -> tuple[Any, int]:
+    """The policy params saved in a training run's checkpoint: the newest, a given step, or the best.
+
+    "Best" is by the run's checkpoint.keep_best_metric over the evaluations it recorded
+    (checkpoint.keep_best_mode says whether higher or lower wins).
+    """
+    from grpo_jax.checkpoint import Checkpointer
+    from grpo_jax.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints").is_dir():
+        raise ValueError(f"{run_dir} is not a training run directory (no checkpoints/ inside)")
+    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
+    ckpt = Checkpointer(run_dir, cfg.checkpoint if cfg else CheckpointConfig())
+    steps = ckpt.steps()
+    if not steps:
+        raise ValueError(f"{run_dir}: no complete checkpoint to read")
+    if best:
+        metric = cfg.checkpoint.keep_best_metric if cfg else None
+        if not metric:
+            raise ValueError(f"{run_dir}: --best needs checkpoint.keep_best_metric in the run's config")
+        _, meta = ckpt.read(steps[-1])
+        scored = [(e["step"], e[metric]) for e in meta.get("eval_history", [])
+                  if e.get("step") in steps and e.get(metric) is not None]
+        if not scored:
+            raise ValueError(f"{run_dir}: no checkpoint has a recorded {metric}")
+        pick = max if cfg.checkpoint.keep_best_mode == "max" else min
+        step = pick(scored, key=lambda item: item[1])[0]
+    elif step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(f"{run_dir}: no checkpoint for step {step}; have {steps}")
+    state, _ = ckpt.read(step)
+    ckpt.close()
+    return state["params"], step

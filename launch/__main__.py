@@ -16,6 +16,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "train": ("launch.train", "train a model with GRPO (resumes from the run dir's newest checkpoint)"),
+    "eval": ("launch.eval", "evaluate a model or a run's checkpoint: pass@1, pass@k, maj@k"),
     "config": ("launch.config_cmd", "print (and optionally save) the resolved run config"),
     "demo": ("launch.demo", "the built-in default job (today: a worked example of the GRPO objective)"),
     "convert": ("launch.convert", "convert an HF model folder or a GGUF file into grpo_jax / HF checkpoints"),

@@ -71,3 +71,33 @@ def test_reference_sync_filtering_and_throughput_metrics(tiny_model, tmp_path):
     assert all(h["kl"] == 0.0 for h in history)
     rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["throughput/train_tflops"] > 0 and 0 < r["throughput/train_mfu"] for r in rows)
+
+
+def test_eval_and_export_of_a_run(tiny_model, tmp_path):
+    """A short run, then `launch eval --run` (pass@k, maj@k) and `launch export --run --best` -> transformers."""
+    import torch
+    import transformers
+
+    run_dir = tmp_path / "run"
+    args = target_config(tiny_model, run_dir, "--run.steps=2", "--checkpoint.keep_best_metric=eval/target_token",
+                         "--checkpoint.every_steps=1", "--run.eval_every=1")
+    train(load_config(None, args))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-m", "launch", "eval", *args, "--run", str(run_dir), "--k", "4",
+                          "--max-examples", "4", "--correct-by", "target_token", "--json", str(tmp_path / "e.json")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "e.json").read_text())
+    assert metrics["eval/examples"] == 4 and 0 <= metrics["eval/maj@4"] <= metrics["eval/pass@4"] <= 1
+    out = subprocess.run([sys.executable, "-m", "launch", "export", "--run", str(run_dir), "--best", "--out",
+                          str(tmp_path / "hf")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step" in out.stdout
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok(["What is 1 + 2?"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**ids).logits).all()
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model)
+    changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+    assert changed, "the exported weights should be the trained ones, not the starting model"

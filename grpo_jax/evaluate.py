@@ -1,0 +1,96 @@
+"""Held-out evaluation: greedy pass@1, and sampled pass@k / maj@k.
+
+A completion is correct when the `correct_by` reward function (default: `accuracy`,
+else the first configured reward) scores it > 0.5. maj@k takes the most common
+extracted answer among the k samples (math answer extraction: <answer>, \\boxed{},
+`#### N`, last number) and is correct when a sample with that answer is.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+from grpo_jax.data import batches
+from grpo_jax.rewards.math import extract_answer
+from grpo_jax.rollout import SamplingParams
+
+
+def correctness_index(names: list[str], correct_by: Optional[str] = None) -> int:
+    if correct_by is not None:
+        if correct_by not in names:
+            raise ValueError(f"eval correctness reward {correct_by!r} is not among the rewards ({', '.join(names)})")
+        return names.index(correct_by)
+    for preferred in ("accuracy", "dataset_scorer"):
+        if preferred in names:
+            return names.index(preferred)
+    return 0
+
+
+def majority_correct(completions: list[str], correct: np.ndarray) -> bool:
+    answers = [extract_answer(c) for c in completions]
+    votes = collections.Counter(a for a in answers if a is not None)
+    if not votes:
+        return False
+    top = votes.most_common(1)[0][0]
+    return bool(any(c for a, c in zip(answers, correct) if a == top))
+
+
+def evaluate(run, dataset, max_examples: int, k: int = 1, sampling: Optional[SamplingParams] = None,
+             seed: int = 0, correct_by: Optional[str] = None) -> dict:
+    """Score `run`'s current policy on up to `max_examples` rows of `dataset`.
+
+    run: anything with `rollout(prompts, key, sampling, group_size)`, `policy.tokenizer`,
+    `rewards` (a RewardSet), `cfg` and `greedy` (SamplingParams) - a `loop.Run`.
+    k = 1 decodes greedily (pass@1); k > 1 samples k completions per prompt with
+    `sampling` and adds pass@k and maj@k.
+    """
+    from grpo_jax.loop import decode_completions, reward_columns  # the same decoding and columns as training
+
+    t0 = time.perf_counter()
+    n = min(len(dataset), max_examples)
+    sp = run.greedy if k == 1 else sampling
+    prompts_per_batch = max(1, run.cfg.data.batch_size * run.cfg.rollout.group_size // k)
+    it = batches(dataset, prompts_per_batch, seed=0, shuffle=False, repeat=False, process_index=jax.process_index(),
+                 process_count=jax.process_count(), pad_last=True)
+    scores, lengths, pass_k, maj_k, seen = [], [], [], [], 0
+    ci = None
+    for b, batch in enumerate(it):
+        if seen >= n:
+            break
+        enc, out = run.rollout(batch["prompt"], jax.random.fold_in(jax.random.PRNGKey(seed), b), sp, k)
+        tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        completions = decode_completions(run.policy.tokenizer, tokens, mask)
+        prompts = [t for t in enc.texts for _ in range(k)]
+        result = run.rewards.submit(prompts, completions, reward_columns(batch, k, mask.sum(1)),
+                                    completion_ids=tokens, completion_mask=mask).result()
+        ci = correctness_index(run.rewards.names, correct_by) if ci is None else ci
+        valid = np.asarray(batch["valid"], bool) & (np.arange(len(batch["valid"])) + seen < n)
+        rows = np.repeat(valid, k)
+        scores.append(result.rewards[rows])
+        lengths.append(mask.sum(1)[rows])
+        correct = np.nan_to_num(result.rewards[:, ci]) > 0.5
+        for i in np.flatnonzero(valid):
+            group = slice(i * k, (i + 1) * k)
+            pass_k.append(bool(correct[group].any()))
+            maj_k.append(majority_correct(completions[group], correct[group]))
+        seen += int(np.asarray(batch["valid"], bool).sum())
+    scores, lengths = np.concatenate(scores), np.concatenate(lengths)
+    names = run.rewards.names
+    metrics = {f"eval/{name}": float(np.nanmean(scores[:, j])) if np.isfinite(scores[:, j]).any() else math.nan
+               for j, name in enumerate(names)}
+    if k == 1:
+        metrics["eval/pass@1"] = float(np.mean(pass_k))
+    else:
+        metrics[f"eval/pass@{k}"] = float(np.mean(pass_k))
+        metrics[f"eval/maj@{k}"] = float(np.mean(maj_k))
+        metrics[f"eval/mean@{k}"] = float(np.mean(np.nan_to_num(scores[:, ci]) > 0.5))
+    metrics["eval/mean_length"] = float(lengths.mean())
+    metrics["eval/examples"] = float(len(pass_k))
+    metrics["eval/time_s"] = time.perf_counter() - t0
+    return metrics
