@@ -43,7 +43,7 @@ from grpo_jax.trainer import (Batch, assemble_batch, init_train_state, make_step
 SKIP_COLUMNS = ("prompt", "index", "valid")
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(ValueError):
     """Training cannot go on (e.g. non-finite losses in a row); the message says why."""
 
 

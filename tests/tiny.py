@@ -21,14 +21,17 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def make_tiny_model(folder, seed: int = 0, hidden: int = 32, layers: int = 2, vocab: int = 96):
-    """Qwen2-style tiny model (tied embeddings, GQA 2) + tokenizer in `folder`; returns the folder."""
+def make_tiny_model(folder, seed: int = 0, hidden: int = 32, layers: int = 2, vocab: int = 96,
+                    allow_small_vocab: bool = False):
+    """Qwen2-style tiny model (tied embeddings, GQA 2) + tokenizer in `folder`; returns the folder.
+
+    allow_small_vocab builds an embedding smaller than the tokenizer (a mismatch, for error tests)."""
     import torch
     import transformers
 
     folder = Path(folder)
     tokenizer = make_tokenizer()
-    assert len(tokenizer) <= vocab
+    assert allow_small_vocab or len(tokenizer) <= vocab
     config = transformers.Qwen2Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512,
