@@ -30,7 +30,14 @@ def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))), ids=os.path.basename)
 def test_shipped_configs_load(path):
-    assert isinstance(load_config(path), Config)
+    from grpo_jax.rewards import RewardSet
+
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    rewards = RewardSet(cfg.rewards.functions, cfg.rewards.weights or None, num_workers=0,
+                        context={"group_size": cfg.rollout.group_size,
+                                 "max_completion_len": cfg.rollout.max_completion_length})
+    assert len(rewards.names) == len(cfg.rewards.functions)
 
 
 def test_saved_config_loads_back_identically(tmp_path):
