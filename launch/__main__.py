@@ -17,6 +17,7 @@ import sys
 COMMANDS = {
     "train": ("launch.train", "train a model with GRPO (resumes from the run dir's newest checkpoint)"),
     "eval": ("launch.eval", "evaluate a model or a run's checkpoint: pass@1, pass@k, maj@k"),
+    "plan": ("launch.plan", "per-device memory of a run on a mesh: compiles the step programs, allocates nothing"),
     "config": ("launch.config_cmd", "print (and optionally save) the resolved run config"),
     "demo": ("launch.demo", "the built-in default job (today: a worked example of the GRPO objective)"),
     "convert": ("launch.convert", "convert an HF model folder or a GGUF file into grpo_jax / HF checkpoints"),

@@ -36,6 +36,7 @@ def run_plan(*args, devices=8):
     return p
 
 
+@pytest.mark.slow
 def test_plan_on_fake_devices_shrinks_with_fsdp(tiny_model):
     reports = {}
     for fsdp in (2, 8):

@@ -88,12 +88,17 @@ parse_common() {
   esac
 }
 
-# split_eq ARGS...: "--flag=value" -> "--flag" "value" (into the SPLIT array), other words unchanged
+# split_eq ARGS...: "--flag=value" -> "--flag" "value" (into the SPLIT array) up to a "--"; other words unchanged
 split_eq() {
   SPLIT=()
-  local arg
+  local arg rest=0
   for arg in "$@"; do
-    if [[ "$arg" == --*=* ]]; then
+    if ((rest)); then
+      SPLIT+=("$arg")
+    elif [[ "$arg" == "--" ]]; then
+      rest=1
+      SPLIT+=("$arg")
+    elif [[ "$arg" == --*=* ]]; then
       SPLIT+=("${arg%%=*}" "${arg#*=}")
     else
       SPLIT+=("$arg")
