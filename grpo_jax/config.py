@@ -217,6 +217,22 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 200
+    """Supervised updates (`python -m launch sft`, or the demo's warm start)."""
+    batch_size: int = 32
+    """(prompt, completion) pairs per update."""
+    learning_rate: float = 1e-3
+    """Peak learning rate (AdamW, warmup then cosine decay; optim's other settings apply)."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    completion_template: str = "{answer}"
+    """The target completion, formatted from the row's columns (e.g. "<think>{solution}</think><answer>{answer}</answer>")."""
+    max_completion_length: int = 64
+    """Target tokens kept per example (EOS included)."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "grpo"
     """Run name, used in logs."""
@@ -245,6 +261,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -448,6 +465,8 @@ def validate(cfg: Config) -> None:
     need(cfg.run.max_skipped_updates >= 1, "run.max_skipped_updates must be >= 1")
     need(cfg.checkpoint.every_steps >= 0 and cfg.checkpoint.keep >= 1, "checkpoint.every_steps must be >= 0 and checkpoint.keep >= 1")
     need(cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1")
+    need(cfg.sft.steps >= 0 and cfg.sft.batch_size >= 1 and cfg.sft.max_completion_length >= 1,
+         "sft.steps must be >= 0, sft.batch_size and sft.max_completion_length >= 1")
 
 
 # ---------------------------------------------------------------- output

@@ -173,7 +173,10 @@ class Run(Generation):
         self.run_dir = Path(cfg.run.output_dir)
         if jax.process_index() == 0:
             print("resolved config:\n" + to_yaml(cfg).rstrip(), flush=True)
-            save_config(cfg, self.run_dir)
+            try:
+                save_config(cfg, self.run_dir)
+            except OSError as e:
+                raise ValueError(f"cannot write to run.output_dir {self.run_dir}: {e.strerror or e}") from None
         super().__init__(cfg)
         updates = max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
         self.optimizer = make_optimizer(cfg.optim, updates)

@@ -16,6 +16,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "train": ("launch.train", "train a model with GRPO (resumes from the run dir's newest checkpoint)"),
+    "sft": ("launch.sft", "supervised fine-tuning on (prompt, completion) pairs (the R1 cold start)"),
     "eval": ("launch.eval", "evaluate a model or a run's checkpoint: pass@1, pass@k, maj@k"),
     "plan": ("launch.plan", "per-device memory of a run on a mesh: compiles the step programs, allocates nothing"),
     "config": ("launch.config_cmd", "print (and optionally save) the resolved run config"),

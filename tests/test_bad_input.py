@@ -107,7 +107,7 @@ def test_output_dir_not_writable(tiny_model, tmp_path):
     target = "/proc/grpo_jax_run" if os.geteuid() == 0 else str(tmp_path / "ro" / "run")
     if os.geteuid() != 0:
         os.mkdir(tmp_path / "ro", 0o500)
-    one_line_error(train(tiny_model, target), target)
+    one_line_error(train(tiny_model, target), "cannot write to run.output_dir", target)
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tiny_model, tmp_path):

@@ -130,7 +130,7 @@ def np_logprobs(logits, targets, temperature):
     return np.take_along_axis(lsm, targets[..., None], -1)[..., 0], -(p * lsm).sum(-1)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 16, 1024])
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 16, 1024])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprobs_chunked_matches_reference(chunk_size, temperature):
     rng = np.random.default_rng(0)

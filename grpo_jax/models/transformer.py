@@ -401,14 +401,12 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
     xs = {
         "p": layer_params,
         "sliding": jnp.asarray(sliding_flags, jnp.bool_),
-        "idx": jnp.arange(c.num_layers, dtype=jnp.int32),
     }
 
     def norm(x, w):
         return L.rms_norm(x, w, c.rms_norm_eps, c.norm_style)
 
-    def body(carry, x):
-        h, ck, cv = carry
+    def body(h, x):
         p = {k: v.astype(cd) for k, v in x["p"].items()}
         is_sliding = x["sliding"]
         # attention
@@ -426,13 +424,13 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
         else:
             cos, sin = cos_g, sin_g
         q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-        if ck is not None:
-            li = x["idx"]
+        if cache is not None:
+            # this layer's cache slice comes in as a scanned input and only the new
+            # tokens' k / v go out; the full cache is written once, after the scan, in place
             zero = jnp.zeros((), jnp.int32)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (li, zero, index, zero, zero))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (li, zero, index, zero, zero))
-            k_all = jax.lax.dynamic_index_in_dim(ck, li, 0, keepdims=False).astype(cd)
-            v_all = jax.lax.dynamic_index_in_dim(cv, li, 0, keepdims=False).astype(cd)
+            k_new, v_new = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+            k_all = jax.lax.dynamic_update_slice(x["k"], k_new, (zero, index, zero, zero)).astype(cd)
+            v_all = jax.lax.dynamic_update_slice(x["v"], v_new, (zero, index, zero, zero)).astype(cd)
         else:
             k_all, v_all = k, v
         if all_sliding:
@@ -454,19 +452,23 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
         if c.post_norms:
             f = norm(f, p["post_mlp_norm"])
         h = h + f
-        return (h, ck, cv), None
+        return h, ((k_new, v_new) if cache is not None else None)
 
     if c.remat_policy != "none":
         body = jax.checkpoint(body, policy=_remat_policy(c.remat_policy), prevent_cse=False)
 
-    ck = cache.k if cache is not None else None
-    cv = cache.v if cache is not None else None
-    (h, ck, cv), _ = jax.lax.scan(body, (h, ck, cv), xs)
+    if cache is not None:
+        xs = dict(xs, k=cache.k, v=cache.v)
+    h, new_kv = jax.lax.scan(body, h, xs)
     h = norm(h, params["final_norm"].astype(cd))
 
     new_cache = None
     if cache is not None:
-        new_cache = KVCache(k=ck, v=cv, slot_mask=slot_mask, index=index + T)
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, zero, index, zero, zero)
+        new_cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, new_kv[0], start),
+                            v=jax.lax.dynamic_update_slice(cache.v, new_kv[1], start),
+                            slot_mask=slot_mask, index=index + T)
     if return_hidden:
         return h, new_cache
     return logits_from_hidden(c, params, h), new_cache

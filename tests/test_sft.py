@@ -1,0 +1,42 @@
+"""SFT: the completion loss falls, only completion tokens count, the result feeds GRPO."""
+
+import json
+
+import numpy as np
+
+from grpo_jax.config import load_config
+from grpo_jax.loop import Generation
+from grpo_jax.models.tiny import char_tokenizer, make_char_model
+from grpo_jax.sft import completion_targets, pad_right, run_sft
+
+
+def test_completion_targets_end_in_eos_and_name_missing_columns():
+    tok = char_tokenizer()
+    ids = completion_targets(tok, {"prompt": ["p", "q"], "answer": ["13", "7"]}, "{answer}", 8)
+    assert ids == [tok("13", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                   tok("7", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    padded, mask = pad_right(ids, 4, 0)
+    assert padded.shape == (2, 4) and mask.sum() == 5
+    try:
+        completion_targets(tok, {"prompt": ["p"], "answer": ["1"]}, "{solution}", 8)
+    except ValueError as e:
+        assert "solution" in str(e) and "answer" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")
+
+
+def test_sft_lowers_the_loss_and_writes_a_model_grpo_can_load(tmp_path):
+    base = make_char_model(tmp_path / "base", hidden=32, layers=2, mlp=64)
+    args = [f"--model.path={base}", f"--run.output_dir={tmp_path / 'run'}", "--sft.steps=40", "--sft.batch_size=16",
+            "--sft.learning_rate=3e-3", "--sft.max_completion_length=6", "--data.source=arithmetic",
+            "--data.task_options={ops: [sum], max_operand: 9}", "--rollout.prompt_length_buckets=[32]",
+            "--rollout.max_prompt_length=32", "--logging.every_steps=1", "--rewards.functions=[accuracy]"]
+    model_dir = run_sft(load_config(None, args))
+    rows = [json.loads(l) for l in (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["sft/loss"] for r in rows]
+    assert len(losses) == 40 and np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+    gen = Generation(load_config(None, [*args, f"--model.path={model_dir}"]))
+    try:
+        assert gen.policy.config.num_layers == 2
+    finally:
+        gen.close()
