@@ -210,6 +210,10 @@ class LoggingConfig:
     """Write metrics.jsonl in the run dir."""
     tensorboard: bool = False
     """Write TensorBoard event files in the run dir."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb` and a login or WANDB_MODE=offline)."""
+    wandb_project: str = "grpo_jax"
+    """W&B project; the run is named after run.name."""
     log_completions: int = 2
     """Sample completions printed at each log step."""
     peak_tflops_per_device: Optional[float] = None

@@ -196,10 +196,12 @@ class Run(Generation):
         self.sync_reference = jax.jit(functools.partial(sync_reference, alpha=cfg.grpo.ref_mixup_alpha),
                                       donate_argnums=0, out_shardings=self.state_shardings)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
-        self.logger = MetricsLogger(self.run_dir, cfg.logging, cfg.run.steps, is_main=self.is_main)
+        self.logger = MetricsLogger(self.run_dir, cfg.logging, cfg.run.steps, is_main=self.is_main,
+                                    run_name=cfg.run.name, run_config=to_dict(cfg))
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
         self.skipped_in_a_row = 0
+        self.samples: list[dict] = []  # a few (prompt, completion, reward) rows of the last step, for the log
 
     @property
     def params(self):
@@ -288,12 +290,11 @@ class Run(Generation):
         if self.is_main and cfg.logging.log_completions:
             samples = [{"prompt": prompts_text[i], "completion": completions[i], "reward": float(result.total[i])}
                        for i in range(0, len(completions), max(1, len(completions) // cfg.logging.log_completions))]
-            self._samples = samples
+            self.samples = samples
         return metrics
 
     def _update(self, batch: Batch):
-        # reference_and_old_logps already ran; run only the updates
-        return train_on_batch(self.state, batch, (lambda state, b: b, self.steps[1]), self.cfg)
+        return train_on_batch(self.state, batch, self.steps[1], self.cfg)
 
     def check_finite(self, step: int, metrics: dict) -> None:
         skipped = metrics.get("update_skipped", 0.0)
@@ -337,8 +338,8 @@ class Run(Generation):
                     self.history.append({"step": done, **{k: v for k, v in metrics.items() if k in HISTORY_KEYS}})
                     if done % cfg.logging.every_steps == 0 or done == cfg.run.steps:
                         self.logger.log(done, metrics)
-                        if getattr(self, "_samples", None):
-                            self.logger.log_samples(done, self._samples)
+                        if self.samples:
+                            self.logger.log_samples(done, self.samples)
                     else:
                         self.logger.log(done, metrics, console=False)
                     if signals.received is not None:

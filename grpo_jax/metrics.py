@@ -33,11 +33,13 @@ def _finite_or_none(value):
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | os.PathLike, cfg: LoggingConfig, total_steps: int, is_main: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, cfg: LoggingConfig, total_steps: int, is_main: bool = True,
+                 run_name: str = "grpo", run_config: Optional[dict] = None):
         self.cfg, self.total_steps, self.is_main = cfg, total_steps, is_main
         self.run_dir = Path(run_dir)
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         self._start = time.time()
         if not is_main:
             return
@@ -48,6 +50,13 @@ class MetricsLogger:
             except ImportError:
                 raise ValueError("logging.tensorboard=true needs tensorboardX: pip install tensorboardX") from None
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("logging.wandb=true needs wandb: pip install wandb") from None
+            self._wandb = wandb.init(project=cfg.wandb_project, name=run_name, config=run_config or {},
+                                     dir=str(self.run_dir), resume="allow")
 
     def log(self, step: int, metrics: dict, console: bool = True) -> None:
         """Write one step's scalars (NaN/inf are written as null in JSONL)."""
@@ -63,6 +72,8 @@ class MetricsLogger:
             for k, v in row.items():
                 if v is not None and k != "step":
                     self._tb.add_scalar(k, v, step)
+        if self._wandb:
+            self._wandb.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=int(step))
         if console:
             print(self.console_line(step, metrics), flush=True)
 
@@ -93,6 +104,8 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+        if self._wandb:
+            self._wandb.finish()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

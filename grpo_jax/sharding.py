@@ -86,11 +86,6 @@ def spec_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
     return PartitionSpec(*spec)
 
 
-def named(mesh: Mesh, names: Sequence[Optional[str]], shape: Sequence[int],
-          rules: Mapping[str, Any] = DEFAULT_RULES) -> NamedSharding:
-    return NamedSharding(mesh, spec_for(names, shape, mesh, rules))
-
-
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Rows split over data x fsdp, everything else replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH, *([None] * (ndim - 1))))

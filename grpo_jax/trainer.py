@@ -135,10 +135,12 @@ def train_flops(config, rows: int, seq_len: int, cfg: Config) -> float:
     return forward * (3 * cfg.grpo.num_iterations + extra)
 
 
-def train_on_batch(state: TrainState, batch: Batch, steps, cfg: Config, rng: np.random.Generator | None = None):
-    """All optimizer updates of one generation batch. Returns (state, metrics averaged over updates)."""
-    reference_and_old_logps, update_step = steps
-    batch = reference_and_old_logps(state, batch)
+def train_on_batch(state: TrainState, batch: Batch, update_step, cfg: Config, rng: np.random.Generator | None = None):
+    """All optimizer updates of one generation batch. Returns (state, metrics averaged over updates).
+
+    `batch` already carries its reference / old log-probs (`reference_and_old_logps`),
+    which callers dispatch early so the device computes them while rewards are scored.
+    """
     rows = batch.advantages.shape[0]
     per_minibatch = rows // cfg.grpo.num_minibatches
     collected = []

@@ -49,3 +49,13 @@ def test_plots_are_written(tmp_path):
     names = sorted(p.name for p in plot_run(tmp_path))
     assert names == ["clip_ratio.png", "completion_length.png", "kl.png", "reward.png", "reward_per_function.png"]
     assert all((tmp_path / "plots" / n).stat().st_size > 1000 for n in names)
+
+
+def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ValueError, match="pip install wandb"):
+        MetricsLogger(tmp_path, LoggingConfig(wandb=True), total_steps=1)

@@ -47,8 +47,8 @@ def final_state(run_dir):
 
 def metrics_rows(run_dir):
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/") and "per_s" not in k}
-            for r in rows]
+    timing = ("time", "time/", "throughput/")  # wall-clock measurements differ between any two runs
+    return [{k: v for k, v in r.items() if not k.startswith(timing)} for r in rows]
 
 
 def wait_for_checkpoint(run_dir, step, proc, timeout=300):
@@ -102,3 +102,21 @@ def test_sigterm_saves_the_current_step_and_exits_zero_then_resume_continues(tin
                          text=True, timeout=600)
     assert out.returncode == 0 and f"resumed from checkpoint {step}" in out.stdout, out.stderr[-3000:]
     assert final_state(run_dir)[0] == step + 2
+
+
+def test_resume_on_a_different_device_count_matches_to_float32_tolerance(tiny_model, tmp_path):
+    """Steps 1-3 on 8 devices, 4-6 on 4 devices (resharded on restore) == 6 steps on 8 devices."""
+    straight, moved = str(tmp_path / "straight"), str(tmp_path / "moved")
+    eight = dict(env(), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    four = dict(env(), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    for cmd, e in [(train_cmd(tiny_model, straight, 6), eight), (train_cmd(tiny_model, moved, 3), eight),
+                   (train_cmd(tiny_model, moved, 6), four)]:
+        out = subprocess.run(cmd, env=e, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from checkpoint 3" in out.stdout
+    _, a = final_state(straight)
+    _, b = final_state(moved)
+    # a different data-parallel split sums gradients in another order; Adam's normalised
+    # steps carry those last-bit differences, so compare at float32 training tolerance
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)

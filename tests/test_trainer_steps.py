@@ -51,7 +51,7 @@ def run_grpo(overrides, steps, seed=0):
         rewards = jnp.sum((out.tokens == TARGET) & out.mask, axis=1) / out.mask.shape[1]
         adv = group_advantages(rewards, 8, cfg.grpo.scale_rewards, cfg.grpo.advantage_eps)
         batch = assemble_batch(np.repeat(prompts, 8, 0), np.repeat(pmask, 8, 0), out.tokens, out.mask, adv)
-        state, metrics = train_on_batch(state, batch, steps_fns, cfg)
+        state, metrics = train_on_batch(state, steps_fns[0](state, batch), steps_fns[1], cfg)
         history.append({"reward": float(rewards.mean()), **{k: float(v) for k, v in metrics.items()}})
     return state, history
 
@@ -95,7 +95,7 @@ def test_non_finite_loss_skips_the_update():
     batch = assemble_batch(np.ones((8, 2), int), np.ones((8, 2), bool), np.ones((8, 3), int), np.ones((8, 3), bool),
                            jnp.full((8,), jnp.nan))
     before = np.asarray(state.params["table"]).copy()
-    new_state, metrics = train_on_batch(state, batch, steps_fns, cfg)  # donates `state`
+    new_state, metrics = train_on_batch(state, steps_fns[0](state, batch), steps_fns[1], cfg)  # donates `state`
     assert float(metrics["update_skipped"]) == 1.0
     np.testing.assert_array_equal(new_state.params["table"], before)
 

@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from grpo_jax.models.transformer import Transformer, TransformerConfig, abstract_model
+from grpo_jax.models.transformer import Transformer, TransformerConfig, abstract_model, unflatten_paths
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
 
@@ -567,16 +567,6 @@ def _flatten_pure(tree: dict, prefix=()) -> dict[tuple[str, ...], Any]:
     return out
 
 
-def _unflatten(flat: dict[tuple, Any]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        d = out
-        for k in path[:-1]:
-            d = d.setdefault(k, {})
-        d[path[-1]] = value
-    return out
-
-
 def _pure(tree) -> dict:
     if isinstance(tree, nnx.Module):
         tree = nnx.state(tree, nnx.Param)
@@ -654,7 +644,7 @@ def load_hf(
             loaded[path] = jax.make_array_from_callback(full_shape, shard_flat[path], read)
         else:
             loaded[path] = jax.device_put(read(None))
-    nnx.replace_by_pure_dict(abs_state, _unflatten(loaded))
+    nnx.replace_by_pure_dict(abs_state, unflatten_paths(loaded))
     model = nnx.merge(graphdef, abs_state)
     return model, config
 
@@ -832,7 +822,7 @@ def load_converted(ckpt_dir: str | os.PathLike, shardings: Any = None) -> tuple[
     if shardings is not None:
         sh = _flatten_pure(_pure(shardings))
         flat = _flatten_pure(target)
-        target = _unflatten({p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh[p]) for p, s in flat.items()})
+        target = unflatten_paths({p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh[p]) for p, s in flat.items()})
     else:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), target)

@@ -501,7 +501,8 @@ def abstract_model(config: TransformerConfig) -> Transformer:
     return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
 
 
-def _unflatten(flat: dict[tuple, Any]) -> dict:
+def unflatten_paths(flat: dict[tuple, Any]) -> dict:
+    """{('a', 'b'): x} -> {'a': {'b': x}}."""
     out: dict = {}
     for path, value in flat.items():
         d = out
@@ -514,27 +515,12 @@ def _unflatten(flat: dict[tuple, Any]) -> dict:
 def param_shardings(model_or_state, mesh: jax.sharding.Mesh, rules: dict[str, Any]) -> dict:
     """Nested dict (same structure as ``nnx.to_pure_dict(state)``) of NamedSharding.
 
-    rules maps a logical name to a mesh axis name, a tuple of them, or None (replicated).
-    A mesh axis is used at most once per param, and only when it divides the dimension.
+    rules maps a logical name to a mesh axis name, a tuple of them, or None (replicated);
+    see ``grpo_jax.sharding.spec_for`` for how dims that do not divide are handled.
     """
-    P = jax.sharding.PartitionSpec
+    from grpo_jax.sharding import spec_for
+
     flat_vars = _flat_variables(model_or_state)
-    out = {}
-    for path, names in logical_axes(model_or_state).items():
-        shape = flat_vars[path].shape
-        used: set = set()
-        spec = []
-        for dim, name in zip(shape, names):
-            axes = rules.get(name) if name is not None else None
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            axes = tuple(a for a in axes if a not in used)
-            size = 1
-            for a in axes:
-                size *= mesh.shape[a]
-            if not axes or dim % size:
-                spec.append(None)
-                continue
-            used.update(axes)
-            spec.append(axes[0] if len(axes) == 1 else axes)
-        out[path] = jax.sharding.NamedSharding(mesh, P(*spec))
-    return _unflatten(out)
+    out = {path: jax.sharding.NamedSharding(mesh, spec_for(names, flat_vars[path].shape, mesh, rules))
+           for path, names in logical_axes(model_or_state).items()}
+    return unflatten_paths(out)
