@@ -81,8 +81,6 @@ def spec_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
             axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    while spec and spec[-1] is None:
-        spec.pop()
     return PartitionSpec(*spec)
 
 
