@@ -216,6 +216,8 @@ class LoggingConfig:
     """W&B project; the run is named after run.name."""
     log_completions: int = 2
     """Sample completions printed at each log step."""
+    progress_bar: bool = True
+    """A live progress bar with the key numbers when the console is a terminal (plain lines otherwise)."""
     peak_tflops_per_device: Optional[float] = None
     """Peak dense TFLOP/s of one device (e.g. 989 for an H100 in bf16); when set, train-step MFU is logged."""
 

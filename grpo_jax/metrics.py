@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Optional
@@ -34,16 +35,22 @@ def _finite_or_none(value):
 
 class MetricsLogger:
     def __init__(self, run_dir: str | os.PathLike, cfg: LoggingConfig, total_steps: int, is_main: bool = True,
-                 run_name: str = "grpo", run_config: Optional[dict] = None):
+                 run_name: str = "grpo", run_config: Optional[dict] = None, interactive: Optional[bool] = None):
         self.cfg, self.total_steps, self.is_main = cfg, total_steps, is_main
         self.run_dir = Path(run_dir)
         self._jsonl = None
         self._tb = None
         self._wandb = None
+        self._bar = None
         self._start = time.time()
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        interactive = sys.stdout.isatty() if interactive is None else interactive
+        if cfg.progress_bar and interactive:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=True)
         if cfg.tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -74,7 +81,10 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, step)
         if self._wandb:
             self._wandb.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=int(step))
-        if console:
+        if self._bar is not None:
+            self._bar.n = min(int(step), self._bar.total)
+            self._bar.set_postfix_str(self.console_line(step, metrics).split(" | ", 1)[-1], refresh=True)
+        elif console:
             print(self.console_line(step, metrics), flush=True)
 
     def console_line(self, step: int, metrics: dict) -> str:
@@ -97,7 +107,11 @@ class MetricsLogger:
         for r in rows:
             prompt = " ".join(str(r.get("prompt", "")).split())[-80:]
             completion = " ".join(str(r.get("completion", "")).split())[:160]
-            print(f"  [reward {r.get('reward', float('nan')):+.2f}] ...{prompt!s} => {completion!s}")
+            line = f"  [reward {r.get('reward', float('nan')):+.2f}] ...{prompt!s} => {completion!s}"
+            if self._bar is not None:
+                self._bar.write(line)
+            else:
+                print(line)
 
     def close(self) -> None:
         if self._jsonl:
@@ -106,6 +120,8 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb:
             self._wandb.finish()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

@@ -59,3 +59,11 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(ValueError, match="pip install wandb"):
         MetricsLogger(tmp_path, LoggingConfig(wandb=True), total_steps=1)
+
+
+def test_progress_bar_in_a_terminal_shows_the_key_numbers(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path, LoggingConfig(), total_steps=4, interactive=True)
+    logger.log(2, {"reward/mean": 0.75, "loss": 0.01})
+    logger.close()
+    err = capsys.readouterr().err  # tqdm draws on stderr
+    assert "2/4" in err and "reward 0.750" in err
