@@ -150,10 +150,11 @@ def policy_loss(
       grpo:    mean over sequences of each sequence's token mean
       bnpo:    sum over tokens / tokens in this batch
       dr_grpo: sum over tokens / (B * max_completion_length)  (default: N)
-      dapo:    sum over tokens / num_items_in_batch, the tokens of the whole
-               generation batch across minibatches and processes (default: this batch)
-    With several minibatches per generation batch, the trainer averages the
-    per-minibatch gradients, as TRL's gradient accumulation does.
+      dapo:    sum over tokens / num_items_in_batch, the tokens of one optimizer
+               step across its micro-batches and processes (default: this batch)
+    The trainer makes one optimizer update per minibatch, so it leaves
+    num_items_in_batch at its default; a caller accumulating gradients over
+    micro-batches passes the token count of the whole accumulation window.
 
     Entropy metrics come from `entropy` [B, N] or, failing that, `logits` [B, N, V].
     Padded tokens (mask 0) never reach the loss or its gradient, even if their
