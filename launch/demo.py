@@ -3,8 +3,8 @@
 Today it walks through the GRPO objective on the worked example from the design
 notes: group-relative advantages, the clipped surrogate loss under each loss_type,
 and the check that on-policy its gradient is the REINFORCE gradient. No model is
-trained yet: the GRPO training loop arrives with the trainer, and this command
-will then run it on the same built-in config.
+trained by this command yet: training runs through `python -m launch train`, and
+a CPU demo that visibly teaches a model is the next milestone.
 """
 
 from __future__ import annotations
@@ -62,5 +62,5 @@ def main(args) -> int:
     grad = jax.grad(lambda lp: policy_loss(lp, None, None, adv, mask, c)[0])(logp)
     reinforce = -(adv[:, None] * mask) / mask.sum()
     print(f"   max |d loss/d logp - (-A * mask / tokens)| = {float(jnp.max(jnp.abs(grad - reinforce))):.2e}")
-    print("\nNext: the trainer (python -m launch train) uses these same functions inside its jitted step.")
+    print("\nTraining (python -m launch train --config configs/...) uses these same functions in its jitted step.")
     return 0
