@@ -59,7 +59,7 @@ def evaluate(run, dataset, max_examples: int, k: int = 1, sampling: Optional[Sam
     it = batches(dataset, prompts_per_batch, seed=0, shuffle=False, repeat=False, process_index=jax.process_index(),
                  process_count=jax.process_count(), pad_last=True)
     scores, lengths, pass_k, maj_k, seen = [], [], [], [], 0
-    ci = None
+    ci = correctness_index(run.rewards.names, correct_by)
     for b, batch in enumerate(it):
         if seen >= n:
             break
@@ -69,7 +69,6 @@ def evaluate(run, dataset, max_examples: int, k: int = 1, sampling: Optional[Sam
         prompts = [t for t in enc.texts for _ in range(k)]
         result = run.rewards.submit(prompts, completions, reward_columns(batch, k, mask.sum(1)),
                                     completion_ids=tokens, completion_mask=mask).result()
-        ci = correctness_index(run.rewards.names, correct_by) if ci is None else ci
         valid = np.asarray(batch["valid"], bool) & (np.arange(len(batch["valid"])) + seen < n)
         rows = np.repeat(valid, k)
         scores.append(result.rewards[rows])

@@ -27,7 +27,7 @@ from flax import nnx
 
 from grpo_jax import sharding
 from grpo_jax.checkpoint import Checkpointer, abstract_like
-from grpo_jax.config import CheckpointConfig, Config, save_config, to_dict, to_yaml
+from grpo_jax.config import CheckpointConfig, Config, announce_config, to_dict
 from grpo_jax.data import PromptFormatter, batches, load_dataset
 from grpo_jax.evaluate import evaluate
 from grpo_jax.metrics import MetricsLogger, plot_run, truncate_metrics
@@ -84,8 +84,9 @@ def stop_token_ids(tokenizer) -> list[int]:
     ids = []
     eos = tokenizer.eos_token_id
     ids.extend(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    vocab = tokenizer.get_vocab()
     for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        tid = vocab.get(token)
         if tid is not None and tid not in ids and tid != tokenizer.unk_token_id:
             ids.append(int(tid))
     return [int(i) for i in ids]
@@ -172,11 +173,7 @@ class Run(Generation):
     def __init__(self, cfg: Config):
         self.run_dir = Path(cfg.run.output_dir)
         if jax.process_index() == 0:
-            print("resolved config:\n" + to_yaml(cfg).rstrip(), flush=True)
-            try:
-                save_config(cfg, self.run_dir)
-            except OSError as e:
-                raise ValueError(f"cannot write to run.output_dir {self.run_dir}: {e.strerror or e}") from None
+            announce_config(cfg)
         super().__init__(cfg)
         updates = max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
         self.optimizer = make_optimizer(cfg.optim, updates)
@@ -323,10 +320,8 @@ class Run(Generation):
     def run(self) -> dict:
         cfg = self.cfg
         start = self.resume()
-        first_eval = {}
         if start == 0 and self.eval_data is not None:
-            first_eval = self.evaluate(0)
-            self.logger.log(0, first_eval)
+            self.logger.log(0, self.evaluate(0))
         step = start
         with _SignalFlag() as signals:
             try:
@@ -368,7 +363,7 @@ class Run(Generation):
                 plots = [str(p) for p in plot_run(self.run_dir)]
             except ValueError:
                 plots = []
-        before = self.eval_history[0] if self.eval_history and self.eval_history[0]["step"] == 0 else first_eval
+        before = next((e for e in self.eval_history if e["step"] == 0), {})
         return {"before": before, "after": final_eval, "history": self.history, "run_dir": str(self.run_dir),
                 "plots": plots}
 

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grpo_jax.models.transformer import positions_from_mask
+
 log = logging.getLogger("grpo_jax.rollout")
 
 
@@ -251,7 +253,7 @@ def _generate_jit(forward, init_cache, params, ids, mask, keys, sp: SamplingPara
     num_prompts, prompt_len = ids.shape
     rows = num_prompts * group_size
     steps = sp.max_new_tokens
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    positions = positions_from_mask(mask)
 
     if share_prefill:
         cache = init_cache(num_prompts, prompt_len + steps)

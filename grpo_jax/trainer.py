@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from grpo_jax.config import Config
+from grpo_jax.models.transformer import positions_from_mask
 from grpo_jax.objective import policy_loss, token_logprobs
 
 
@@ -54,7 +55,7 @@ def assemble_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, adv
     """Prompt [R, P] (left-padded) + completion [R, N] -> the [R, P + N] sequences the model reads."""
     prompt_mask = jnp.asarray(prompt_mask, bool)
     completion_mask = jnp.asarray(completion_mask, bool)
-    prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+    prompt_positions = positions_from_mask(prompt_mask)
     start = jnp.sum(prompt_mask, axis=1, keepdims=True)
     completion_positions = start + jnp.arange(completion_ids.shape[1])[None]
     return Batch(

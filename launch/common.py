@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from grpo_jax.config import Config, describe_fields, load_config, save_config, to_yaml
+from grpo_jax.config import Config, describe_fields, load_config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,14 +16,3 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.config_overrides)
-
-
-def announce_config(cfg: Config, save: bool = True) -> str | None:
-    """Print the resolved config and save it into the run's output dir (returns the path)."""
-    print("resolved config:")
-    print(to_yaml(cfg).rstrip())
-    if not save:
-        return None
-    path = save_config(cfg, cfg.run.output_dir)
-    print(f"saved to {path}")
-    return path

@@ -7,7 +7,8 @@ A config that would not run is rejected here with the same one-line error
 
 from __future__ import annotations
 
-from launch.common import add_config_arguments, announce_config, config_from_args
+from grpo_jax.config import announce_config
+from launch.common import add_config_arguments, config_from_args
 
 
 def add_arguments(parser):

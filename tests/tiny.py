@@ -1,24 +1,11 @@
-"""A tiny random HF model with a character-level tokenizer, saved to a folder: a whole
-run config can point `model.path` at it, as a user points it at a hub model."""
+"""A tiny random model built by transformers (as a user's own model would be) with the library's
+character tokenizer, saved to a folder a run config can point `model.path` at."""
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
-CHARS = list(string.ascii_letters + string.digits + " .,?!+-*/=:<>()#\n")
-SPECIAL = ["<pad>", "<eos>", "<unk>"]
-
-
-def make_tokenizer():
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, decoders
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+from grpo_jax.models.tiny import char_tokenizer as make_tokenizer  # noqa: F401  (tests import it from here)
 
 
 def make_tiny_model(folder, seed: int = 0, hidden: int = 32, layers: int = 2, vocab: int = 96,
