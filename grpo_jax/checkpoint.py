@@ -94,8 +94,15 @@ class Checkpointer:
         return restored["state"], restored["meta"]
 
     def read(self, step: int) -> tuple[Any, dict]:
-        """(state as saved, as nested dicts of arrays on the default device; meta), with no target state."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        """(state as saved, as nested dicts of arrays on the default device; meta), with no target state.
+
+        The target is built from the checkpoint's shapes, so a checkpoint written by several
+        processes (a device topology this process does not have) reads here too.
+        """
+        saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
         return restored["state"], restored["meta"]
 

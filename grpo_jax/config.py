@@ -335,10 +335,24 @@ def _parse_overrides(overrides: Sequence[str]) -> Any:
             raise ConfigError(_unknown_key_message(name))
         dotlist.append(key)
         i += 1
+    # A text field takes the text as typed: `--sft.completion_template={teacher}` is a
+    # template, not a YAML mapping, and `--run.name=007` stays "007".
+    texts = [item.split("=", 1) for item in dotlist if _is_text_field(item.split("=", 1)[0])]
     try:
-        return OmegaConf.from_dotlist(dotlist)
+        layer = OmegaConf.from_dotlist([item for item in dotlist if not _is_text_field(item.split("=", 1)[0])])
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, source=None)) from None
+    for name, value in texts:
+        OmegaConf.update(layer, name, None if value in ("null", "~") else value, force_add=True)
+    return layer
+
+
+def _is_text_field(dotted: str) -> bool:
+    """True for `section.key` naming a str (or Optional[str]) field."""
+    section, _, key = dotted.partition(".")
+    owner = next((f.default_factory for f in dataclasses.fields(Config) if f.name == section), None)
+    field_ = next((f for f in dataclasses.fields(owner) if f.name == key), None) if owner else None
+    return field_ is not None and field_.type in ("str", "Optional[str]", str, Optional[str])
 
 
 def _check_keys(tree: dict, source) -> None:

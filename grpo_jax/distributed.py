@@ -183,6 +183,7 @@ def initialize(mesh_cfg: Any = None, *, initialization_timeout: Optional[int] = 
     log.info("joining a %s-process run as process %s via %s (coordinator %s, source %s)",
              coords.num_processes or "auto", coords.process_id if coords.process_id is not None else "auto",
              "jax.distributed", coords.coordinator_address or "auto", coords.source)
+    _cpu_collectives_over_gloo()
     try:
         jax.distributed.initialize(coordinator_address=coords.coordinator_address,
                                    num_processes=coords.num_processes, process_id=coords.process_id, **kwargs)
@@ -192,6 +193,15 @@ def initialize(mesh_cfg: Any = None, *, initialization_timeout: Optional[int] = 
                                "grpo_jax.distributed.initialize() first thing in the program") from e
         raise
     return jax.process_index(), jax.process_count()
+
+
+def _cpu_collectives_over_gloo() -> None:
+    """CPU devices of different processes talk over Gloo (JAX's default since 0.5; set in case it is 'none')."""
+    try:
+        if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:  # pragma: no cover - option renamed
+        pass
 
 
 def shutdown() -> None:
@@ -208,12 +218,19 @@ def is_main() -> bool:
 # ---------------------------------------------------------------- host <-> global arrays
 
 
-def _leaf_sharding(sharding, x):
+def _leaf_sharding(mesh, x):
+    """Rows over data x fsdp; replicated for scalars, and (single-process only) for rows that do not divide."""
     from grpo_jax import sharding as shd
 
-    if isinstance(sharding, jax.sharding.Mesh):
-        return shd.batch_sharding(sharding, np.ndim(x)) if np.ndim(x) else shd.replicated(sharding)
-    return sharding
+    if not np.ndim(x):
+        return shd.replicated(mesh)
+    rows, dp = np.shape(x)[0] * jax.process_count(), shd.data_parallel_size(mesh)
+    if rows % dp == 0:
+        return shd.batch_sharding(mesh, np.ndim(x))
+    if jax.process_count() == 1:
+        return shd.replicated(mesh)
+    raise ValueError(f"a batch of {rows} rows does not split over the mesh's data x fsdp = {dp} devices; in a "
+                     "multi-process run data.batch_size x rollout.group_size must divide by mesh.data x mesh.fsdp")
 
 
 def global_batch(local, sharding, global_shape=None):
@@ -223,12 +240,15 @@ def global_batch(local, sharding, global_shape=None):
     passes the same number of rows, in process order (process i holds rows
     i*n .. i*n+n-1 of the global batch, the layout `grpo_jax.data.batches` yields).
     sharding: a `jax.sharding.Sharding` (or a pytree of them matching `local`), or a
-    Mesh: rows split over the batch axes (data x fsdp), scalars replicated.
+    Mesh: rows split over the batch axes (data x fsdp), scalars replicated (and,
+    single-process, rows that do not divide over those axes).
     global_shape: only needed for non-even layouts; default: inferred.
     Single-process, this is a device_put.
     """
-    if isinstance(sharding, (jax.sharding.Sharding, jax.sharding.Mesh)):
+    if isinstance(sharding, jax.sharding.Mesh):
         shardings = jax.tree.map(lambda x: _leaf_sharding(sharding, x), local)
+    elif isinstance(sharding, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda x: sharding, local)
     else:
         shardings = sharding
 
@@ -291,3 +311,27 @@ def sync(name: str = "grpo_jax") -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def allgather_rows(x) -> np.ndarray:
+    """Every process's rows of a host array, concatenated in process order (for metrics; same shape everywhere)."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def global_max(value: int) -> int:
+    """The largest of every process's value (e.g. a prompt length all processes must pad to)."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(allgather_rows(np.asarray([value], np.int64)).max())
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when it is True on any (e.g. a stop signal that reached one host)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(allgather_rows(np.asarray([flag], np.int32)).any())

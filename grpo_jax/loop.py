@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from grpo_jax import sharding
+from grpo_jax import distributed, sharding
 from grpo_jax.checkpoint import Checkpointer, abstract_like
 from grpo_jax.config import CheckpointConfig, Config, announce_config, to_dict
 from grpo_jax.data import PromptFormatter, batches, load_dataset
@@ -36,7 +37,8 @@ from grpo_jax.models.hf import load_converted, load_hf, load_tokenizer
 from grpo_jax.objective import group_advantages
 from grpo_jax.optim import make_optimizer
 from grpo_jax.rewards import RewardError, RewardSet
-from grpo_jax.rollout import SamplingParams, bucket_length, generate, pad_prompts_left
+from grpo_jax.rewards.compute import RewardResult
+from grpo_jax.rollout import Rollout, SamplingParams, bucket_length, generate_rows, pad_prompts_left
 from grpo_jax.trainer import (Batch, assemble_batch, init_train_state, make_steps, sync_reference, train_flops,
                               train_on_batch)
 
@@ -132,12 +134,21 @@ class _SignalFlag:
 
 
 class Generation:
-    """What sampling and scoring need: mesh, policy, prompts, rewards. Evaluation runs on this alone."""
+    """What sampling and scoring need: mesh, policy, prompts, rewards. Evaluation runs on this alone.
+
+    Multi-process: every process builds one (with the same config), feeds its own prompts
+    and gets its own rows back; the arrays in between are global, on one mesh.
+    """
 
     def __init__(self, cfg: Config):
+        distributed.initialize(cfg.mesh)  # first: joins a multi-process run (a no-op otherwise)
         self.cfg = cfg
         self.is_main = jax.process_index() == 0
         self.mesh = sharding.make_mesh(cfg.mesh)
+        processes, dp = jax.process_count(), sharding.data_parallel_size(self.mesh)
+        if dp % processes:
+            raise ValueError(f"mesh data x fsdp = {dp} must be a multiple of the {processes} processes: each "
+                             "process feeds its own rows of the batch")
         self.policy = load_policy(cfg, self.mesh)
         self.formatter = PromptFormatter.from_config(cfg.data, self.policy.tokenizer)
         self.rewards = RewardSet(cfg.rewards.functions, cfg.rewards.weights or None, on_error=cfg.rewards.on_error,
@@ -155,13 +166,33 @@ class Generation:
         return self.policy.params
 
     def rollout(self, prompts, key, sampling: SamplingParams, group_size: int):
-        """Encode, pad to the prompt bucket (the width the train step sees too), sample."""
+        """Encode, pad to the prompt bucket (the width the train step sees too), sample.
+
+        prompts: this process's share (every process passes as many). Returns (enc, Rollout
+        of this process's rows, as numpy). The width is the bucket of the longest prompt
+        of any process, so all build the same global shape; row r samples with key
+        `row_keys(key, R)[r]`, so the tokens do not depend on the process or mesh layout.
+        """
         enc = self.formatter.encode(prompts, self.cfg.rollout.max_prompt_length, self.cfg.data.overlong_prompts)
-        width = bucket_length(int(enc.mask.sum(axis=1).max()), self.cfg.rollout.prompt_length_buckets)
+        longest = distributed.global_max(int(enc.mask.sum(axis=1).max()))
+        width = bucket_length(longest, self.cfg.rollout.prompt_length_buckets)
         enc.ids, enc.mask = pad_prompts_left(enc.ids, enc.mask, width, self.formatter.pad_id)
-        out = generate(self.policy.forward, self.policy.init_cache, self.params, enc.ids, enc.mask, key,
-                       sampling, group_size=group_size, buckets=self.cfg.rollout.prompt_length_buckets)
-        return enc, out
+        ids, mask = self.to_mesh((np.repeat(enc.ids, group_size, 0), np.repeat(enc.mask, group_size, 0)))
+        out = generate_rows(self.policy.forward, self.policy.init_cache, self.params, ids, mask,
+                            self.row_keys(key, ids.shape[0]), sampling, group_size=group_size, mesh=self.mesh)
+        tokens, mask, logprobs, truncated = (distributed.local_rows(x) for x in out[:4])
+        return enc, Rollout(tokens, mask, logprobs, truncated, np.int32(mask.sum()))
+
+    def to_mesh(self, local):
+        """This process's rows (a pytree of host arrays) -> global arrays, rows split over data x fsdp."""
+        return distributed.global_batch(local, self.mesh)
+
+    def row_keys(self, key, rows: int) -> jax.Array:
+        """One key per global row, the same on every process (replicated)."""
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+        keys = np.asarray(jax.random.split(np.asarray(key), rows))
+        return distributed.global_batch(keys, sharding.replicated(self.mesh))
 
     def close(self) -> None:
         self.rewards.close()
@@ -172,6 +203,7 @@ class Run(Generation):
 
     def __init__(self, cfg: Config):
         self.run_dir = Path(cfg.run.output_dir)
+        distributed.initialize(cfg.mesh)  # before the first JAX call below
         if jax.process_index() == 0:
             announce_config(cfg)
         super().__init__(cfg)
@@ -190,6 +222,9 @@ class Run(Generation):
                                                               self.mesh)
         self.state = jax.device_put(state, self.state_shardings)
         self.steps = make_steps(self.policy.forward, self.optimizer, cfg, self.state_shardings)
+        self.assemble = jax.jit(assemble_batch)
+        self.advantages = jax.jit(functools.partial(group_advantages, group_size=cfg.rollout.group_size,
+                                                    scale=cfg.grpo.scale_rewards, eps=cfg.grpo.advantage_eps))
         self.sync_reference = jax.jit(functools.partial(sync_reference, alpha=cfg.grpo.ref_mixup_alpha),
                                       donate_argnums=0, out_shardings=self.state_shardings)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
@@ -214,14 +249,19 @@ class Run(Generation):
         if restored is None:
             return 0
         step, self.state, meta = restored
-        self.data.restore(meta["data"])
+        self.data.restore(meta["data"])  # the same on every process: all walk the same stream of batches
         self.history = meta.get("history", [])
         self.eval_history = meta.get("eval_history", [])
-        truncate_metrics(self.run_dir, step)
+        if self.is_main:
+            truncate_metrics(self.run_dir, step)
         print(f"resumed from checkpoint {step} in {self.checkpointer.directory}", flush=True)
         return step
 
     def save(self, step: int, metrics: Optional[dict] = None) -> None:
+        """Every process calls it: Orbax writes each process's shards, process 0 the meta.
+
+        The meta (data position, history) is the same on every process, so process 0's is everyone's.
+        """
         meta = {"step": step, "data": self.data.state(), "config": to_dict(self.cfg),
                 "history": self.history, "eval_history": self.eval_history}
         self.checkpointer.save(step, self.state, meta, metrics=metrics)
@@ -229,17 +269,19 @@ class Run(Generation):
     # ------------------------------------------------------------ one step
 
     def step(self, step: int) -> dict:
+        """One GRPO step. Multi-process: each process samples and scores its own prompts' groups
+        (advantages are per group, and a group never spans processes); the update is global."""
         cfg, G = self.cfg, self.cfg.rollout.group_size
         t0 = time.perf_counter()
         batch = next(self.data)
         enc, out = self.rollout(batch["prompt"], jax.random.fold_in(self.state.rng, step), self.sampling, G)
-        tokens, mask, truncated = (np.asarray(x) for x in (out.tokens, out.mask, out.truncated))
+        tokens, mask, truncated = out.tokens, out.mask, out.truncated  # this process's rows
         t_rollout = time.perf_counter()
 
         loss_mask = mask & ~truncated[:, None] if cfg.grpo.mask_truncated_completions else mask
         rows = lambda x: np.repeat(x, G, axis=0)  # noqa: E731
-        pending = assemble_batch(rows(enc.ids), rows(enc.mask), tokens, loss_mask, np.zeros(len(tokens), np.float32))
-        pending = sharding.shard_rows(pending, self.mesh)
+        pending = self.assemble(*self.to_mesh((rows(enc.ids), rows(enc.mask), tokens, loss_mask,
+                                               np.zeros(len(tokens), np.float32))))
         pending = self.steps[0](self.state, pending)  # reference / old log-probs, dispatched asynchronously
         completions = decode_completions(self.policy.tokenizer, tokens, mask)
         prompts_text = [t for t in enc.texts for _ in range(G)]
@@ -248,26 +290,30 @@ class Run(Generation):
                                      completion_ids=tokens, completion_mask=mask).result()
         t_reward = time.perf_counter()
 
-        advantages = group_advantages(jnp.asarray(result.total), G, cfg.grpo.scale_rewards, cfg.grpo.advantage_eps)
-        advantages = jax.device_put(advantages, sharding.rows_sharding(advantages, self.mesh))
+        # advantages on the mesh, from every process's rewards ("batch" scaling needs the global std)
+        advantages = self.advantages(self.to_mesh(result.total.astype(np.float32)))
         groups = result.total.reshape(-1, G)
         flat_groups = groups.max(1) == groups.min(1)
         if cfg.grpo.filter_zero_std_groups:
             informative = np.repeat(~flat_groups, G)[:, None]
-            pending = pending._replace(completion_mask=sharding.shard_rows(loss_mask & informative, self.mesh))
+            pending = pending._replace(completion_mask=self.to_mesh(loss_mask & informative))
         self.state, train_metrics = self._update(pending._replace(advantages=advantages))
         if cfg.grpo.beta != 0 and cfg.grpo.ref_sync_steps and (step + 1) % cfg.grpo.ref_sync_steps == 0:
             self.state = self.sync_reference(self.state)
         train_metrics = {k: float(v) for k, v in train_metrics.items()}
         t_train = time.perf_counter()
-        flops = train_flops(self.policy.config, len(tokens), pending.tokens.shape[1], cfg)
+        # the logged numbers cover the global batch: gather every process's rows (a no-op single-process)
+        result, lengths, truncated, flat_groups = self.gather_result(result), *(
+            distributed.allgather_rows(x) for x in (lengths, truncated, flat_groups))
+        abs_advantages = distributed.allgather_rows(np.abs(distributed.local_rows(advantages)))
+        flops = train_flops(self.policy.config, len(lengths), pending.tokens.shape[1], cfg)
         metrics = {
             **train_metrics,
             **result.stats("reward/"),
             "reward/mean": float(result.total.mean()),
             "reward/std": float(result.total.std()),
             "reward/zero_std_groups": float(np.mean(flat_groups)),
-            "advantage/abs_mean": float(jnp.mean(jnp.abs(advantages))),
+            "advantage/abs_mean": float(abs_advantages.mean()),
             "completion/mean_length": float(lengths.mean()),
             "completion/min_length": float(lengths.min()),
             "completion/max_length": float(lengths.max()),
@@ -276,9 +322,9 @@ class Run(Generation):
             "time/reward_s": t_reward - t_rollout,
             "time/train_s": t_train - t_reward,
             "time/step_s": t_train - t0,
-            "throughput/generated_tokens_per_s": float(out.num_tokens) / max(t_rollout - t0, 1e-9),
+            "throughput/generated_tokens_per_s": float(lengths.sum()) / max(t_rollout - t0, 1e-9),
             "throughput/train_tflops": flops / max(t_train - t_reward, 1e-9) / 1e12,
-            **enc.metrics(),
+            **self.combine_over_processes(enc.metrics()),
         }
         peak = cfg.logging.peak_tflops_per_device
         if peak:
@@ -292,6 +338,36 @@ class Run(Generation):
 
     def _update(self, batch: Batch):
         return train_on_batch(self.state, batch, self.steps[1], self.cfg)
+
+    @staticmethod
+    def gather_result(result: RewardResult) -> RewardResult:
+        """Every process's scores in one RewardResult (for logging); the result itself single-process."""
+        if jax.process_count() == 1:
+            return result
+        rewards = distributed.allgather_rows(result.rewards)
+        errors = distributed.allgather_rows(np.asarray([[result.num_errors.get(n, 0) for n in result.names]]))
+        means = {}
+        for k, name in enumerate(result.names):
+            col = rewards[:, k][~np.isnan(rewards[:, k])]
+            means[name] = float(col.mean()) if col.size else float("nan")
+        return RewardResult(result.names, result.weights, rewards, distributed.allgather_rows(result.total), means,
+                            {n: int(e) for n, e in zip(result.names, errors.sum(0))})
+
+    @staticmethod
+    def combine_over_processes(metrics: dict) -> dict:
+        """Per-process prompt metrics over all processes: counts add up, maxima take the max, means average
+        (every process has as many prompts). The dict itself single-process."""
+        if jax.process_count() == 1:
+            return metrics
+        keys = sorted(metrics)
+        table = distributed.allgather_rows(np.asarray([[metrics[k] for k in keys]], np.float64))
+
+        def combine(key, column):
+            if key.endswith("_max"):
+                return column.max()
+            return column.sum() if key.startswith("data/prompts_") else column.mean()
+
+        return {k: float(combine(k, table[:, i])) for i, k in enumerate(keys)}
 
     def check_finite(self, step: int, metrics: dict) -> None:
         skipped = metrics.get("update_skipped", 0.0)
@@ -311,7 +387,16 @@ class Run(Generation):
         """Greedy pass@1 on the held-out split: each reward function's mean, and the mean length."""
         if self.eval_data is None:
             return {}
-        metrics = evaluate(self, self.eval_data, self.cfg.run.eval_max_examples)
+        # multi-process: each process scores its share of the examples; combine weighted by examples
+        processes = jax.process_count()
+        metrics = evaluate(self, self.eval_data, -(-self.cfg.run.eval_max_examples // processes))
+        if processes > 1:
+            keys = sorted(metrics)
+            table = distributed.allgather_rows(np.asarray([[metrics[k] for k in keys]], np.float64))
+            weights = table[:, keys.index("eval/examples")]
+            metrics = {k: float(np.average(table[:, i], weights=weights)) for i, k in enumerate(keys)}
+            metrics["eval/examples"] = float(weights.sum())
+            metrics["eval/time_s"] = float(table[:, keys.index("eval/time_s")].max())
         self.eval_history.append({"step": step, **metrics})
         return metrics
 
@@ -337,17 +422,18 @@ class Run(Generation):
                             self.logger.log_samples(done, self.samples)
                     else:
                         self.logger.log(done, metrics, console=False)
-                    if signals.received is not None:
+                    if distributed.any_process(signals.received is not None):  # all processes stop together
                         self.save(done)
                         self.checkpointer.wait()
                         print(f"saved checkpoint {done}; resume with the same command "
                               f"(checkpoint.resume=true picks it up from {self.run_dir})", flush=True)
-                        return {"stopped_at": done, "signal": signals.received}
+                        return {"stopped_at": done, "signal": signals.received or signal.SIGTERM}
                     if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < cfg.run.steps:
                         self.save(done, metrics={k: v for k, v in metrics.items() if k.startswith("eval/")} or None)
                 step = cfg.run.steps
             except RewardError:
-                if step > 0:
+                # multi-process, the other processes are not saving with us: exit (train() does) instead
+                if step > 0 and jax.process_count() == 1:
                     self.save(step)
                     self.checkpointer.wait()
                 raise
@@ -376,11 +462,32 @@ HISTORY_KEYS = ("reward/mean", "loss", "kl", "completion/mean_length", "time/ste
 
 
 def train(cfg: Config) -> dict:
-    run = Run(cfg)
+    run = None
     try:
+        run = Run(cfg)
         return run.run()
+    except BaseException as e:
+        if distributed.is_initialized() and jax.process_count() > 1:
+            exit_now(e)
+        raise
     finally:
-        run.close()
+        if run is not None:
+            run.close()
+
+
+def exit_now(error: BaseException) -> None:
+    """Multi-process: a process that fails leaves at once, without the shutdown barrier at exit.
+
+    Its peers then see it gone (a failed collective, or missed heartbeats) and stop
+    too, instead of waiting for it in the next collective.
+    """
+    import traceback
+
+    traceback.print_exception(error)
+    print(f"process {jax.process_index()} of {jax.process_count()} failed ({type(error).__name__}: "
+          f"{str(error).splitlines()[0] if str(error) else ''}); exiting so that the other processes stop too",
+          file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def checkpoint_params(run_dir: str | os.PathLike, step: Optional[int] = None, best: bool = False) -> tuple[Any, int]:

@@ -7,7 +7,7 @@ The loss follows TRL's `GRPOTrainer` term for term, so numbers can be compared.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,7 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 128,
     return_entropy: bool = False,
+    project: Optional[Callable[[jax.Array], jax.Array]] = None,
 ):
     """log softmax(logits / temperature)[target] per token, float32, shape of `targets`.
 
@@ -66,8 +67,12 @@ def token_logprobs(
     of 1024 tokens and a 152k vocab (Qwen2.5), float32 logits of the whole batch
     take 64*1024*152k*4 bytes = 40 GB; with chunk_size=128 the float32 working set
     is 5 GB across the batch, 0.6 GB per device on 8 data-parallel devices.
-    (The model's own logits are a separate cost: compute them per chunk from
-    hidden states to avoid those too.)
+    (The model's own logits are a separate cost: pass hidden states and `project`
+    to compute them per chunk too.)
+
+    project: when given, `logits` are hidden states [..., T, D] and project(chunk) -> [..., c, V]
+    makes each chunk's logits (the unembedding), inside the chunk's checkpoint, so the
+    logits themselves never exist whole either (trainer.completion_logprobs uses this).
 
     With return_entropy=True also returns the entropy of each token's distribution.
     Temperature divides the logits exactly as the sampler did, so on-policy these
@@ -76,12 +81,14 @@ def token_logprobs(
     shape = targets.shape
     if logits.shape[:-1] != shape or not shape:
         raise ValueError(f"logits {logits.shape} and targets {shape} disagree")
-    vocab, length = logits.shape[-1], shape[-1]
-    rows_logits = logits.reshape(-1, length, vocab)
+    width, length = logits.shape[-1], shape[-1]
+    rows_logits = logits.reshape(-1, length, width)
     rows_targets = targets.reshape(-1, length).astype(jnp.int32)
 
     @jax.checkpoint
     def one_chunk(chunk_logits, chunk_targets):
+        if project is not None:
+            chunk_logits = project(chunk_logits)
         x = chunk_logits.astype(jnp.float32) / temperature
         lse = jax.nn.logsumexp(x, axis=-1)
         picked = jnp.take_along_axis(x, chunk_targets[..., None], axis=-1)[..., 0]

@@ -23,12 +23,13 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grpo_jax import sharding
 from grpo_jax.models.transformer import positions_from_mask
 
 log = logging.getLogger("grpo_jax.rollout")
@@ -237,6 +238,58 @@ def generate(
                  ids.shape[0], group_size, length, sampling.max_new_tokens, len(_compiled_shapes))
     return _generate_jit(forward, init_cache, params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), keys,
                          sampling, group_size, share_prefill, cache_batch_axis)
+
+
+def generate_rows(
+    forward: Callable,
+    init_cache: Callable,
+    params: Any,
+    row_ids: jax.Array,
+    row_mask: jax.Array,
+    keys: jax.Array,
+    sampling: SamplingParams,
+    *,
+    group_size: int = 1,
+    share_prefill: bool = True,
+    cache_batch_axis: int = 1,
+    mesh: Optional[jax.sharding.Mesh] = None,
+) -> Rollout:
+    """`generate` for a batch laid out by rows, as the train step sees it: prompt b at rows b*G .. b*G+G-1.
+
+    row_ids, row_mask: [B*G, P], already left-padded to a prompt bucket; global arrays
+    (`distributed.global_batch`) in multi-process runs, where each process holds its
+    own rows. The prefill takes every G-th row, so it still runs once per prompt.
+    keys: [B*G] row keys (`row_keys(rng, B*G)`): a row's tokens depend on its key only,
+    not on the mesh or the number of processes.
+    mesh: the outputs keep their rows split over the mesh's batch axes (as the inputs),
+    so each process can read its own rows back (`distributed.local_rows`).
+    """
+    rows, width = row_ids.shape
+    if rows % group_size:
+        raise ValueError(f"{rows} rows do not split into groups of {group_size}")
+    signature = ("rows", row_ids.shape, group_size, share_prefill, sampling, forward, init_cache, mesh)
+    if signature not in _compiled_shapes:
+        _compiled_shapes.add(signature)
+        log.info("compiling rollout: %d prompts x G=%d, prompt bucket %d, %d new tokens (%d rollout programs so far)",
+                 rows // group_size, group_size, width, sampling.max_new_tokens, len(_compiled_shapes))
+    program = _rows_program(None if mesh is None else _rollout_shardings(mesh, rows))
+    return program(forward, init_cache, params, row_ids, row_mask, keys, sampling, group_size, share_prefill,
+                   cache_batch_axis)
+
+
+def _rollout_shardings(mesh: jax.sharding.Mesh, rows: int) -> Rollout:
+    split = rows % sharding.data_parallel_size(mesh) == 0
+    row = lambda ndim: sharding.batch_sharding(mesh, ndim) if split else sharding.replicated(mesh)  # noqa: E731
+    return Rollout(row(2), row(2), row(2), row(1), sharding.replicated(mesh))
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_program(out_shardings: Optional[Rollout]):
+    def program(forward, init_cache, params, row_ids, row_mask, keys, sp, group_size, share_prefill, axis):
+        ids, mask = row_ids[::group_size].astype(jnp.int32), row_mask[::group_size].astype(jnp.bool_)
+        return _generate_jit(forward, init_cache, params, ids, mask, keys, sp, group_size, share_prefill, axis)
+
+    return jax.jit(program, static_argnums=(0, 1, 6, 7, 8, 9), out_shardings=out_shardings)
 
 
 def _is_key_batch(rng, num_rows) -> bool:

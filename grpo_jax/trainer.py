@@ -11,6 +11,7 @@ The model enters as `forward(params, tokens, positions, mask, cache=None) -> (lo
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.struct
@@ -20,7 +21,8 @@ import numpy as np
 import optax
 
 from grpo_jax.config import Config
-from grpo_jax.models.transformer import positions_from_mask
+from grpo_jax.models import transformer as tf
+from grpo_jax.models.transformer import positions_from_mask, shard_activations
 from grpo_jax.objective import policy_loss, token_logprobs
 
 
@@ -68,11 +70,31 @@ def assemble_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, adv
 
 
 def completion_logprobs(forward: Callable, params, batch: Batch, temperature: float) -> jax.Array:
-    """log p(completion token | everything before it) [R, N], float32, at the sampling temperature."""
+    """log p(completion token | everything before it) [R, N], float32, at the sampling temperature.
+
+    With the library's decoder (`functools.partial(transformer.apply, config)`, as loop and
+    planner build it) the model stops at its final hidden states and the unembedding runs
+    inside `token_logprobs`' chunks, so the [R, T, V] logits never exist, forward or backward
+    (issue 9: the update step's temp for Qwen2.5-0.5B at 64 x 1024 tokens on fsdp=8 went
+    from 33.0 to 23.0 GiB per device; BENCHMARKS.md).
+    Any other forward returns logits, which are then read a chunk at a time.
+    """
     n = batch.completion_mask.shape[1]
-    logits, _ = forward(params, batch.tokens, batch.positions, batch.attention_mask, None)
     targets = batch.tokens[:, -n:]
-    return token_logprobs(logits[:, -n - 1 : -1], targets, temperature)
+    config = _decoder_config(forward)
+    if config is None:
+        logits, _ = forward(params, batch.tokens, batch.positions, batch.attention_mask, None)
+        return token_logprobs(logits[:, -n - 1 : -1], targets, temperature)
+    hidden, _ = forward(params, batch.tokens, batch.positions, batch.attention_mask, None, return_hidden=True)
+    project = lambda h: tf.logits_from_hidden(config, params, h)  # noqa: E731
+    return token_logprobs(hidden[:, -n - 1 : -1], targets, temperature, project=project)
+
+
+def _decoder_config(forward: Callable):
+    """The TransformerConfig when `forward` is `functools.partial(transformer.apply, config)`, else None."""
+    if isinstance(forward, functools.partial) and forward.func is tf.apply and len(forward.args) == 1:
+        return forward.args[0]
+    return None
 
 
 def is_on_policy(cfg: Config) -> bool:
@@ -85,24 +107,29 @@ def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: 
 
     state_shardings (a TrainState of NamedShardings): where update_step leaves the new
     state; fixing it keeps every step on one compiled program and the layout stable.
+    Their mesh also pins the model's activations to rows split over data x fsdp
+    (`shard_activations`), so under fsdp each device computes only its rows.
     The state is donated: its buffers are reused for the new one.
     """
     temperature = cfg.rollout.temperature or 1.0
     grpo = cfg.grpo
+    mesh = _mesh_of(state_shardings)
 
     @jax.jit
     def reference_and_old_logps(state: TrainState, batch: Batch) -> Batch:
         ref = old = None
-        if grpo.beta != 0:
-            ref = completion_logprobs(forward, state.ref_params, batch, temperature)
-        if not is_on_policy(cfg):
-            old = completion_logprobs(forward, state.params, batch, temperature)
+        with shard_activations(mesh):
+            if grpo.beta != 0:
+                ref = completion_logprobs(forward, state.ref_params, batch, temperature)
+            if not is_on_policy(cfg):
+                old = completion_logprobs(forward, state.params, batch, temperature)
         return batch._replace(old_logp=old, ref_logp=ref)
 
     def loss_fn(params, batch: Batch):
         # Each minibatch is one optimizer update, so "dapo" normalises by this minibatch's
         # tokens (TRL: the tokens of one optimizer step's gradient-accumulation window).
-        logp = completion_logprobs(forward, params, batch, temperature)
+        with shard_activations(mesh):
+            logp = completion_logprobs(forward, params, batch, temperature)
         return policy_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.completion_mask, grpo,
                            max_completion_length=cfg.rollout.max_completion_length)
 
@@ -120,6 +147,14 @@ def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: 
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
     return reference_and_old_logps, jax.jit(update_step, donate_argnums=0, out_shardings=out_shardings)
+
+
+def _mesh_of(shardings):
+    """The mesh of the first NamedSharding in a pytree of shardings, or None."""
+    for leaf in jax.tree.leaves(shardings):
+        if isinstance(leaf, jax.sharding.NamedSharding):
+            return leaf.mesh
+    return None
 
 
 def sync_reference(state: TrainState, alpha: float) -> TrainState:
@@ -146,10 +181,16 @@ def train_on_batch(state: TrainState, batch: Batch, update_step, cfg: Config, rn
     per_minibatch = rows // cfg.grpo.num_minibatches
     collected = []
     for _ in range(cfg.grpo.num_iterations):
-        order = np.arange(rows) if rng is None else rng.permutation(rows)
+        order = None if rng is None else rng.permutation(rows)
         for m in range(cfg.grpo.num_minibatches):
-            idx = jnp.asarray(order[m * per_minibatch : (m + 1) * per_minibatch])
-            minibatch = jax.tree.map(lambda x: x[idx], batch)
+            lo, hi = m * per_minibatch, (m + 1) * per_minibatch
+            if order is not None:
+                idx = jnp.asarray(order[lo:hi])
+                minibatch = jax.tree.map(lambda x: x[idx], batch)
+            elif (lo, hi) == (0, rows):
+                minibatch = batch
+            else:  # static slices: no index array to place (multi-process arrays mix only with global ones)
+                minibatch = jax.tree.map(lambda x: x[lo:hi], batch)
             state, metrics = update_step(state, minibatch)
             collected.append(metrics)
     averaged = {k: jnp.mean(jnp.stack([m[k] for m in collected])) for k in collected[0]}

@@ -20,9 +20,10 @@ COMMANDS = {
     "eval": ("launch.eval", "evaluate a model or a run's checkpoint: pass@1, pass@k, maj@k"),
     "plan": ("launch.plan", "per-device memory of a run on a mesh: compiles the step programs, allocates nothing"),
     "config": ("launch.config_cmd", "print (and optionally save) the resolved run config"),
-    "demo": ("launch.demo", "the built-in default job (today: a worked example of the GRPO objective)"),
+    "demo": ("launch.demo", "the built-in default job: SFT warm start + GRPO on a CPU in minutes, with a before/after table"),
     "convert": ("launch.convert", "convert an HF model folder or a GGUF file into grpo_jax / HF checkpoints"),
     "export": ("launch.export", "export a grpo_jax params checkpoint as an HF model folder"),
+    "plot": ("launch.plot", "draw a run's curves (reward, accuracy, KL, clipping, length) as PNGs in its run dir"),
 }
 
 USER_ERRORS = (ValueError, OSError, KeyError)

@@ -1,19 +1,26 @@
-"""The built-in default job.
+"""The built-in default job: watch GRPO teach a small model to carry the one, on a CPU.
 
-Today it walks through the GRPO objective on the worked example from the design
-notes: group-relative advantages, the clipped surrogate loss under each loss_type,
-and the check that on-policy its gradient is the REINFORCE gradient. No model is
-trained by this command yet: training runs through `python -m launch train`, and
-a CPU demo that visibly teaches a model is the next milestone.
+    python -m launch demo --config configs/demo.yaml      (what `make demo` runs)
+
+1. Build a small character-level model with random weights (no downloads).
+2. Warm start (SFT) on answers from a sloppy teacher who forgets to carry the one
+   60% of the time (47+8 -> "45"): the model learns to add, and learns the mistake.
+3. GRPO with one reward, "is the answer right?": no teacher, no labels of how.
+4. Held-out accuracy before and after GRPO, as a table, plus the run's plots.
+
+More supervised steps cannot fix step 2's mistake (the data has it); the reward can.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-import numpy as np
+import shutil
+import time
+from pathlib import Path
 
 from launch.common import add_config_arguments, config_from_args
+
+CHAR_MODEL = dict(hidden=128, layers=4, heads=4, kv_heads=2, mlp=384)  # 0.8M parameters
 
 
 def add_arguments(parser):
@@ -21,46 +28,71 @@ def add_arguments(parser):
 
 
 def main(args) -> int:
-    import jax
-    import jax.numpy as jnp
-
-    from grpo_jax.objective import LOSS_TYPES, group_advantages, policy_loss
+    from grpo_jax.loop import train
+    from grpo_jax.models.tiny import make_char_model
+    from grpo_jax.sft import run_sft
 
     cfg = config_from_args(args)
-    g = cfg.grpo
-    fmt = lambda xs: "[" + ", ".join(f"{float(x):+.5f}" for x in np.asarray(xs)) + "]"
+    t0 = time.perf_counter()
+    out = Path(cfg.run.output_dir)
+    base, sft_dir, grpo_dir = out / "base", out / "sft", out / "grpo"
+    stale = [d for d in (base, sft_dir, grpo_dir) if d.exists()]
+    if stale:
+        print(f"replacing the previous demo's outputs in {out}", flush=True)
+        for d in stale:
+            shutil.rmtree(d)
+    print(__doc__.split("\n\n", 1)[1], flush=True)
 
-    print("grpo_jax demo: the GRPO objective, worked by hand (no model is trained by this build)\n")
-    rewards = jnp.array([1.0, 0.9, 0.0, 1.0])
-    print(f"1. One group of G=4 completions scored {fmt(rewards)}")
-    print(f"   group mean {float(rewards.mean()):.5f}, sample std {float(jnp.std(rewards, ddof=1)):.6f}")
-    for scale in ("group", "none", "rloo"):
-        adv = group_advantages(rewards, 4, scale=scale, eps=g.advantage_eps)
-        print(f"   advantages scale={scale:<6} {fmt(adv)}")
-    print("   all-equal group [1, 1, 1, 1] ->", fmt(group_advantages(jnp.ones(4), 4)))
+    print(f"[1/3] a random {CHAR_MODEL['layers']}-layer character-level model -> {base}", flush=True)
+    make_char_model(base, seed=cfg.run.seed, **CHAR_MODEL)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(base)))
 
-    print("\n2. The clipped surrogate on that group, 6-token completions, after one update")
-    key = jax.random.PRNGKey(cfg.run.seed)
-    k1, k2, k3 = jax.random.split(key, 3)
-    old = -jax.random.uniform(k1, (4, 6), minval=0.5, maxval=3.0)
-    logp = old + 0.3 * jax.random.normal(k2, (4, 6))  # the policy moved a little
-    ref = old + 0.1 * jax.random.normal(k3, (4, 6))
-    mask = jnp.array([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0], [1] * 3 + [0] * 3])
-    adv = group_advantages(rewards, 4, scale=g.scale_rewards, eps=g.advantage_eps)
-    print(f"   beta={g.beta} epsilon={g.epsilon} epsilon_high={g.epsilon_upper} "
-          f"importance_sampling_level={g.importance_sampling_level}")
-    print("   loss_type   loss       kl        clip(low/high)  mean ratio")
-    for loss_type in LOSS_TYPES:
-        c = dataclasses.replace(g, loss_type=loss_type)
-        loss, m = policy_loss(logp, old, ref, adv, mask, c)
-        kl = float(m.get("kl", 0.0))
-        print(f"   {loss_type:<10} {float(loss):+.5f}  {kl:.5f}   "
-              f"{float(m['clip_ratio/low']):.3f}/{float(m['clip_ratio/high']):.3f}     {float(m['ratio']):.4f}")
+    print(f"\n[2/3] warm start: {cfg.sft.steps} supervised steps on the sloppy teacher's answers", flush=True)
+    t_sft = time.perf_counter()
+    model_dir = run_sft(cfg, sft_dir)
+    t_sft = time.perf_counter() - t_sft
 
-    print("\n3. On-policy (old = current policy, beta = 0) the loss gradient is the REINFORCE gradient")
-    c = dataclasses.replace(g, beta=0.0, loss_type="bnpo")
-    grad = jax.grad(lambda lp: policy_loss(lp, None, None, adv, mask, c)[0])(logp)
-    reinforce = -(adv[:, None] * mask) / mask.sum()
-    print(f"   max |d loss/d logp - (-A * mask / tokens)| = {float(jnp.max(jnp.abs(grad - reinforce))):.2e}")
-    print("\nTraining (python -m launch train --config configs/...) uses these same functions in its jitted step.")
+    print(f"\n[3/3] GRPO: {cfg.run.steps} steps, reward = {' + '.join(_weighted(cfg.rewards))}", flush=True)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model_dir)),
+                              run=dataclasses.replace(cfg.run, output_dir=str(grpo_dir)))
+    t_grpo = time.perf_counter()
+    summary = train(cfg)
+    t_grpo = time.perf_counter() - t_grpo
+
+    print()
+    print(results_table(summary["before"], summary["after"], summary["history"]))
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s (warm start {t_sft:.0f} s, GRPO with both evaluations "
+          f"{t_grpo:.0f} s)")
+    print("outputs:")
+    print(f"  {grpo_dir / 'metrics.jsonl'}  (every step's metrics; `python -m launch plot {grpo_dir}` redraws)")
+    for plot in summary["plots"]:
+        print(f"  {plot}")
+    print(f"  {grpo_dir / 'checkpoints'}  (`python -m launch export --run {grpo_dir} --out DIR` -> HF folder)")
+    print(f"  {model_dir}  (the warm-started model, before GRPO)")
     return 0
+
+
+def _weighted(rewards_cfg) -> list[str]:
+    weights = rewards_cfg.weights or [1.0] * len(rewards_cfg.functions)
+    return [f"{w:g} x {name}" for name, w in zip(rewards_cfg.functions, weights) if w]
+
+
+def results_table(before: dict, after: dict, history: list[dict]) -> str:
+    """Held-out metrics before and after GRPO, and the training reward at the start and the end."""
+    rows = [("held-out accuracy (greedy)", "eval/pass@1", "{:.1%}"),
+            ("answers that are a bare number", "eval/number_only", "{:.1%}"),
+            ("mean completion length (tokens)", "eval/mean_length", "{:.2f}")]
+    lines = [f"{'':34}{'before GRPO':>14}{'after GRPO':>14}{'change':>10}"]
+    for label, key, fmt in rows:
+        if key in before and key in after:
+            b, a = before[key], after[key]
+            change = f"{(a - b) * 100:+.1f} pt" if fmt.endswith("%}") else f"{a - b:+.2f}"
+            lines.append(f"{label:34}{fmt.format(b):>14}{fmt.format(a):>14}{change:>10}")
+    rewards = [h["reward/mean"] for h in history if "reward/mean" in h]
+    if len(rewards) >= 2:
+        k = max(1, len(rewards) // 10)
+        first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+        lines.append(f"{f'training reward (mean of {k} steps)':34}{first:>14.3f}{last:>14.3f}{last - first:>+10.3f}")
+    n = int(after.get("eval/examples", before.get("eval/examples", 0)))
+    lines.append(f"({n} held-out problems, never seen in the warm start or in GRPO)")
+    return "\n".join(lines)

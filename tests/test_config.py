@@ -28,6 +28,13 @@ def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
         cfg.grpo.beta = 1.0
 
 
+def test_text_fields_take_the_override_as_typed():
+    cfg = load_config(None, ["--sft.completion_template={teacher}", "--run.name=007", "--model.tokenizer=null",
+                             "--data.system_prompt", "Answer: {x}"])
+    assert cfg.sft.completion_template == "{teacher}" and cfg.run.name == "007"
+    assert cfg.model.tokenizer is None and cfg.data.system_prompt == "Answer: {x}"
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))), ids=os.path.basename)
 def test_shipped_configs_load(path):
     from grpo_jax.rewards import RewardSet

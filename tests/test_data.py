@@ -56,6 +56,29 @@ def test_arithmetic_rows_are_correct_and_deterministic():
     assert [other[i]["prompt"] for i in range(20)] != [ds[i]["prompt"] for i in range(20)]
 
 
+def test_arithmetic_options_prompt_operands_and_sloppy_teacher():
+    opts = {"ops": ["sum"], "min_operand": [10, 0], "max_operand": [99, 9], "prompt": "{a}{op}{b}",
+            "teacher_skips_carry": 0.7}
+    ds = load_dataset(cfg(source="arithmetic", task_options=opts), "train", seed=0)
+    carries = sloppy = 0
+    for i in range(400):
+        row = ds[i]
+        assert row["prompt"] == f"{row['a']}+{row['b']}" and 10 <= row["a"] <= 99 and 0 <= row["b"] <= 9
+        assert row["answer"] == str(row["a"] + row["b"])
+        if row["a"] % 10 + row["b"] < 10:
+            assert row["teacher"] == row["answer"]  # nothing to carry: the teacher is right
+        else:
+            carries += 1
+            forgot = str(row["a"] // 10 * 10 + (row["a"] + row["b"]) % 10)  # 47+8 -> "45"
+            assert row["teacher"] in (row["answer"], forgot)
+            sloppy += row["teacher"] == forgot
+    assert 0.6 < sloppy / carries < 0.8, (sloppy, carries)
+    for bad, message in [({"prompt": "{c}"}, "valid format string"), ({"max_operand": [9]}, "pair"),
+                         ({"min_operand": 50, "max_operand": 10}, "above")]:
+        with pytest.raises(DataError, match=message):
+            load_dataset(cfg(source="arithmetic", task_options=bad), "train", seed=0)[0]
+
+
 @pytest.mark.parametrize("source,key", [("arithmetic", lambda r: (r["a"], r["op"], r["b"])),
                                         ("countdown", lambda r: (tuple(sorted(r["numbers"])), r["target"]))])
 def test_builtin_train_and_test_are_disjoint(source, key):

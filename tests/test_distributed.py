@@ -66,6 +66,9 @@ def _worker(process_id: int, port: int, mode: str) -> None:
         "w": np.asarray(w_full).tolist(), "w_sharded": not w.is_fully_addressable,
         "local_rows_ok": bool(np.array_equal(distributed.local_rows(x), local)),
         "row_range": list(distributed.local_row_range(x)), "is_main": distributed.is_main(),
+        "gathered": distributed.allgather_rows(local[:, 0] + process_id).tolist(),
+        "max": distributed.global_max(10 + process_id), "any": distributed.any_process(process_id == 1),
+        "none": distributed.any_process(False),
     }
     print("RESULT " + json.dumps(result), flush=True)
     if mode == "die":
@@ -133,12 +136,16 @@ def test_two_processes_agree_on_global_results():
     for i, r in enumerate(results):
         assert r.rc == 0 and r.result is not None, f"process {i} failed (rc {r.rc}):\n{r.stderr[-3000:]}"
     a, b = results[0].result, results[1].result
+    full = np.arange(ROWS * COLS, dtype=np.float32).reshape(ROWS, COLS) / 10
     assert a["initialize"] == [0, 2] and b["initialize"] == [1, 2]
     assert a["again"] == a["initialize"] and b["again"] == b["initialize"]
     assert a["devices"] == b["devices"] == 4 and a["local_devices"] == b["local_devices"] == 2
     assert a["is_main"] and not b["is_main"]
     assert a["w_sharded"] and a["local_rows_ok"] and b["local_rows_ok"]
     assert a["row_range"] == [0, 4] and b["row_range"] == [4, 8]
+    gathered = np.concatenate([full[:4, 0], full[4:, 0] + 1]).tolist()  # process order, each process's own rows
+    assert a["gathered"] == b["gathered"] == gathered
+    assert a["max"] == b["max"] == 11 and a["any"] and b["any"] and not (a["none"] or b["none"])
     for key in ("sum", "mean", "loss", "w"):
         assert a[key] == b[key], key  # bitwise the same global result on both processes
     total, mean, loss, w = _reference()
@@ -231,6 +238,10 @@ def test_single_process_helpers(monkeypatch):
     assert g["scale"].sharding.is_fully_replicated
     np.testing.assert_array_equal(distributed.local_rows(g["ids"]), batch["ids"])
     assert distributed.local_row_range(g["ids"]) == (0, 8)
+    odd = distributed.global_batch(np.arange(6), mesh)  # 6 rows over 4 devices: replicated (single-process)
+    assert odd.sharding.is_fully_replicated and distributed.local_rows(odd).tolist() == list(range(6))
+    assert distributed.allgather_rows([1, 2]).tolist() == [1, 2]
+    assert distributed.global_max(3) == 3 and distributed.any_process(True) and not distributed.any_process(False)
     distributed.sync()
 
 

@@ -192,6 +192,11 @@ def test_format_table(completion, strict, lenient):
     assert score("format_lenient", [completion]) == [lenient]
 
 
+def test_number_only():
+    assert score("number_only", ["12", " -3\n", "1,024", "0.5", "12 apples", "<answer>12</answer>", ""]) == \
+        [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+
+
 def test_format_with_think_opened_by_prompt():
     completion = "reasoning\n</think>\n<answer>\n42\n</answer>"
     assert score("format", [completion], prompts=["Question? Assistant: <think>"]) == [1.0]

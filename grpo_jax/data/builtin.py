@@ -67,18 +67,62 @@ class ProceduralDataset(Dataset):
 _OPS = {"sum": "+", "difference": "-", "product": "*"}
 
 
-def make_arithmetic(rng: np.random.Generator, min_operand: int = 0, max_operand: int = 99,
-                    ops: Sequence[str] = ("sum", "difference", "product")) -> tuple[tuple, dict]:
-    """"What is the sum of 8 + 5?" -> "13"; also difference (-) and product (*)."""
+ARITHMETIC_PROMPT = "What is the {name} of {a} {op} {b}?"
+
+
+def make_arithmetic(rng: np.random.Generator, min_operand: int | Sequence[int] = 0,
+                    max_operand: int | Sequence[int] = 99,
+                    ops: Sequence[str] = ("sum", "difference", "product"), prompt: str = ARITHMETIC_PROMPT,
+                    teacher_skips_carry: float = 0.0) -> tuple[tuple, dict]:
+    """"What is the sum of 8 + 5?" -> "13"; also difference (-) and product (*).
+
+    min_operand, max_operand: one bound for both operands, or [first, second].
+    prompt: the question's format string ({a}, {b}, {op}, {name}), e.g. "{a}{op}{b}=".
+    teacher_skips_carry: adds a `teacher` column, the answer of a sloppy teacher who,
+    with this probability per row, adds (or subtracts) digit by digit without carrying
+    (borrowing): 47 + 38 -> 75. Supervised data from it imitates a systematic mistake
+    that a reward can then correct (the demo's starting policy).
+    """
     for op in ops:
         if op not in _OPS:
             raise DataError(f"arithmetic: unknown op {op!r}; choose from {', '.join(_OPS)}")
     name = ops[int(rng.integers(len(ops)))]
-    a, b = (int(x) for x in rng.integers(min_operand, max_operand + 1, size=2))
+    lo, hi = _pair(min_operand, "min_operand"), _pair(max_operand, "max_operand")
+    if lo[0] > hi[0] or lo[1] > hi[1]:
+        raise DataError(f"arithmetic: min_operand {min_operand} is above max_operand {max_operand}")
+    a, b = (int(rng.integers(lo[i], hi[i] + 1)) for i in (0, 1))
     sym = _OPS[name]
     value = a + b if sym == "+" else a - b if sym == "-" else a * b
-    row = {"prompt": f"What is the {name} of {a} {sym} {b}?", "answer": str(value), "a": a, "b": b, "op": sym}
+    try:
+        text = prompt.format(name=name, a=a, b=b, op=sym)
+    except (KeyError, IndexError, ValueError) as e:
+        raise DataError(f"arithmetic: prompt {prompt!r} is not a valid format string ({e}); it may use "
+                        "{a}, {b}, {op} and {name}") from None
+    row = {"prompt": text, "answer": str(value), "a": a, "b": b, "op": sym}
+    if teacher_skips_carry:
+        sloppy = rng.random() < teacher_skips_carry and sym != "*"
+        row["teacher"] = str(_without_carry(a, b, sym) if sloppy else value)
     return (a, sym, b), row
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise DataError(f"arithmetic: {name} must be an integer or a pair [first, second] of integers, got {value!r}")
+
+
+def _without_carry(a: int, b: int, sym: str) -> int:
+    """Digit-wise sum (or absolute difference) of a and b, no carry or borrow: 47 + 38 -> 75, 52 - 38 -> 26."""
+    digits, place = 0, 1
+    sign = 1 if sym == "+" or a >= b else -1
+    a, b = (a, b) if sign == 1 else (b, a)
+    while a or b:
+        x, y = a % 10, b % 10
+        digits += ((x + y) % 10 if sym == "+" else abs(x - y)) * place
+        a, b, place = a // 10, b // 10, place * 10
+    return sign * digits
 
 
 # ------------------------------------------------------------------ countdown

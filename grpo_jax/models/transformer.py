@@ -25,6 +25,8 @@ projects any slice of them, so a loss can work chunk-wise over the sequence.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 from typing import Any, NamedTuple
@@ -356,11 +358,40 @@ def _remat_policy(name: str):
     }[name]
 
 
+_ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def shard_activations(mesh: jax.sharding.Mesh | None):
+    """While tracing inside this, `apply` without a cache pins the residual stream's rows to the
+    mesh's batch axes (data x fsdp). Without it XLA may follow the fsdp-sharded weights and
+    compute every row on every device; the trainer's steps trace under it, the rollout does not."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def _rows_constraint(mesh):
+    """x -> x with its leading (batch) axis split over data x fsdp, the rest replicated; identity without a mesh."""
+    if mesh is None:
+        return lambda x: x
+    from grpo_jax.sharding import spec_for
+
+    def constrain(x):
+        spec = spec_for(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+    return constrain
+
+
 def apply(config: TransformerConfig, params: dict, tokens, positions, attention_mask,
           cache: KVCache | None = None, *, return_hidden: bool = False):
     """The decoder as a pure function of a plain param dict. See the module docstring."""
     c = config
     cd = c.compute_jnp_dtype
+    rows = _rows_constraint(_ACTIVATION_MESH.get() if cache is None else None)
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
     mask = jnp.asarray(attention_mask).astype(jnp.bool_)
@@ -369,6 +400,7 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
     h = jnp.take(params["embed"], tokens, axis=0).astype(cd)
     if c.embed_scale != 1.0:
         h = h * jnp.asarray(c.embed_scale, dtype=cd)
+    h = rows(h)
 
     # masks
     if cache is None:
@@ -410,7 +442,7 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
         p = {k: v.astype(cd) for k, v in x["p"].items()}
         is_sliding = x["sliding"]
         # attention
-        a = norm(h, p["attn_norm"])
+        a = rows(norm(h, p["attn_norm"]))
         q = jnp.einsum("btd,dhk->bthk", a, p["wq"])
         k = jnp.einsum("btd,dhk->bthk", a, p["wk"])
         v = jnp.einsum("btd,dhk->bthk", a, p["wv"])
@@ -439,7 +471,11 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
             m = jnp.where(is_sliding, sliding_mask, full_mask)
         else:
             m = full_mask
-        o = L.attention(q, k_all, v_all, m, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap)
+        if cache is not None and T <= L.CACHED_ATTENTION_MAX_QUERIES:  # decode: reads the cache slice as is
+            o = L.cached_attention(q, x["k"].astype(cd), x["v"].astype(cd), k_new.astype(cd), v_new.astype(cd), m,
+                                   index, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap)
+        else:
+            o = L.attention(q, k_all, v_all, m, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap)
         o = jnp.einsum("bthk,hkd->btd", o, p["wo"])
         if c.o_bias:
             o = o + p["bo"]
@@ -447,11 +483,11 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
             o = norm(o, p["post_attn_norm"])
         h = h + o
         # mlp
-        f = norm(h, p["mlp_norm"])
+        f = rows(norm(h, p["mlp_norm"]))
         f = L.gated_mlp(f, p["w_gate"], p["w_up"], p["w_down"], c.activation)
         if c.post_norms:
             f = norm(f, p["post_mlp_norm"])
-        h = h + f
+        h = rows(h + f)
         return h, ((k_new, v_new) if cache is not None else None)
 
     if c.remat_policy != "none":
@@ -460,7 +496,7 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
     if cache is not None:
         xs = dict(xs, k=cache.k, v=cache.v)
     h, new_kv = jax.lax.scan(body, h, xs)
-    h = norm(h, params["final_norm"].astype(cd))
+    h = rows(norm(h, params["final_norm"].astype(cd)))
 
     new_cache = None
     if cache is not None:

@@ -5,7 +5,7 @@ Device reward (`@device_reward`): `fn(completion_ids, completion_mask, **arrays)
 Config entries: a registry name (`accuracy`), a name with factory kwargs
 (`cosine(max_len=512)`), or `package.module:function`.
 
-Built-ins: accuracy, format, format_lenient, tag_count, language_consistency,
+Built-ins: accuracy, format, format_lenient, number_only, tag_count, language_consistency,
 reasoning_steps, length, cosine, repetition, soft_overlong, dataset_scorer,
 target_token (device).
 """
@@ -37,7 +37,7 @@ from grpo_jax.rewards.math import (
     last_boxed,
     math_verify_available,
 )
-from grpo_jax.rewards.format import format_lenient, format_reward, tag_count
+from grpo_jax.rewards.format import format_lenient, format_reward, number_only, tag_count
 from grpo_jax.rewards.text import (
     make_language_consistency_reward,
     make_repetition_reward,
@@ -73,6 +73,7 @@ __all__ = [
     "make_soft_overlong_reward",
     "make_target_token_reward",
     "math_verify_available",
+    "number_only",
     "parse_spec",
     "reasoning_steps",
     "register",

@@ -1,4 +1,4 @@
-"""Format rewards for the R1 template ``<think>...</think><answer>...</answer>``.
+"""Format rewards: the R1 template ``<think>...</think><answer>...</answer>``, or a bare number.
 
 When the prompt already ends with ``<think>`` (the R1-Zero template opens the
 think block for the model), the completion is scored as if it began with
@@ -14,6 +14,7 @@ from grpo_jax.rewards.registry import register
 
 STRICT_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.DOTALL)
 LENIENT_FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+NUMBER_ONLY = re.compile(r"^\s*-?\d[\d,]*(\.\d+)?\s*$")
 
 
 def with_prompt_prefix(prompt: Optional[str], completion: str) -> str:
@@ -58,3 +59,9 @@ def count_tags(text: str) -> float:
 def tag_count(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
     """Partial format credit in [0, 1]: 0.25 per R1 tag appearing exactly once (open-r1)."""
     return [count_tags(t) for t in _texts(prompts, completions)]
+
+
+@register("number_only")
+def number_only(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
+    """1.0 if the completion is just a number (``-12``, ``1,024``, ``0.5``), else 0.0: the short-answer format."""
+    return [1.0 if NUMBER_ONLY.match(c) else 0.0 for c in completions]

@@ -1,0 +1,74 @@
+"""bench/grpo_step.py end to end on the tiny workload: it runs, and its JSON has the shared schema."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("rollout", "reward", "logps", "update")
+
+
+def finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_grpo_step_tiny_json(tmp_path):
+    out = tmp_path / "out.json"
+    # one device, as a user runs it (conftest's 8 fake devices would make a different program)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    p = subprocess.run([sys.executable, "bench/grpo_step.py", "--workload", "tiny", "--steps", "2",
+                        "--matmul-gflops", "100", "--json", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["framework"] == "grpo_jax" and doc["matmul_gflops"] == 100
+    assert set(doc["versions"]) >= {"jax", "flax"}
+    (row,) = doc["results"]
+    assert row["workload"] == "tiny" and row["steps"] == 2 and "error" not in row
+    assert len(row["step_times_s"]) == 2 and all(finite_positive(t) for t in row["step_times_s"])
+    for key in ("first_step_s", "step_s", "floor_s", "over_floor", "peak_rss_mb"):
+        assert finite_positive(row[key]), (key, row[key])
+    assert set(row["split_s"]) == set(PHASES)
+    assert all(finite_positive(row["split_s"][p]) for p in ("rollout", "reward", "update"))
+    assert row["split_s"]["logps"] >= 0
+    assert finite_positive(row["floor_gflop"]["total"]) and row["floor_gflop"]["reference"] == 0  # beta 0
+    assert row["recompiles_after_step2"] == 0  # with 2 steps there is no step after the second
+    assert "tiny" in p.stdout and "x floor" in p.stdout  # the table
+
+
+def test_completion_logprobs_from_hidden_states_match_full_logits():
+    """trainer.completion_logprobs unembeds chunk by chunk for the library's decoder (issue 9's memory
+    change); values and gradients equal the full-logits path (130 completion tokens: chunks + a tail)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from grpo_jax.models import transformer as tf
+    from grpo_jax.trainer import assemble_batch, completion_logprobs
+
+    config = tf.TransformerConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, head_dim=8, tie_word_embeddings=True, final_logit_softcap=5.0)
+    params = nnx.to_pure_dict(nnx.state(tf.Transformer(config, rngs=nnx.Rngs(0)), nnx.Param))
+    rng = np.random.default_rng(0)
+    prompt_mask = np.array([[False, True, True], [True, True, True]])
+    batch = assemble_batch(rng.integers(0, 50, (2, 3)), prompt_mask, rng.integers(0, 50, (2, 130)),
+                           np.ones((2, 130), bool), jnp.zeros(2))
+    chunked = functools.partial(tf.apply, config)
+    full = lambda *args: tf.apply(config, *args)  # noqa: E731 - not a partial: the full-logits path
+
+    def total(forward, p):
+        return jnp.sum(completion_logprobs(forward, p, batch, 0.7))
+
+    np.testing.assert_allclose(completion_logprobs(chunked, params, batch, 0.7),
+                               completion_logprobs(full, params, batch, 0.7), rtol=1e-5, atol=1e-5)
+    g_chunked, g_full = (jax.grad(functools.partial(total, f))(params) for f in (chunked, full))
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
