@@ -25,7 +25,6 @@ Each workload runs in its own subprocess, so its peak RSS (ru_maxrss) is its own
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -138,13 +137,7 @@ def measure_gflops() -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(ap)
-    args = ap.parse_args(argv)
-    if args.child:
-        common.emit_child_result(run_workload(common.WORKLOADS[args.child], args.steps, args.matmul_gflops))
-        return 0
-    return common.main_parent("grpo_jax", versions(), os.path.abspath(__file__), args, measure_gflops)
+    return common.cli_main("grpo_jax", __doc__, os.path.abspath(__file__), run_workload, versions, measure_gflops, argv)
 
 
 if __name__ == "__main__":

@@ -270,3 +270,14 @@ def main_parent(framework: str, versions: dict, script: str, args, measure_gflop
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
     return 0 if all("error" not in r for r in results) else 1
+
+
+def cli_main(name: str, doc: str, script: str, run_workload, versions, measure_gflops, argv=None) -> int:
+    """The command line every benchmark script shares: a parent that spawns one child per workload."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    args = ap.parse_args(argv)
+    if args.child:
+        emit_child_result(run_workload(WORKLOADS[args.child], args.steps, args.matmul_gflops))
+        return 0
+    return main_parent(name, versions(), script, args, measure_gflops)

@@ -26,7 +26,6 @@ Recompilations: torch runs eagerly (no compile), reported as 0.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -155,13 +154,7 @@ def measure_gflops() -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(ap)
-    args = ap.parse_args(argv)
-    if args.child:
-        common.emit_child_result(run_workload(common.WORKLOADS[args.child], args.steps, args.matmul_gflops))
-        return 0
-    return common.main_parent("trl", versions(), os.path.abspath(__file__), args, measure_gflops)
+    return common.cli_main("trl", __doc__, os.path.abspath(__file__), run_workload, versions, measure_gflops, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Recompilations: XLA backend compiles during steps 3..N (jax.monitoring), as for 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -157,13 +156,7 @@ def measure_gflops() -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(ap)
-    args = ap.parse_args(argv)
-    if args.child:
-        common.emit_child_result(run_workload(common.WORKLOADS[args.child], args.steps, args.matmul_gflops))
-        return 0
-    return common.main_parent("tunix", versions(), os.path.abspath(__file__), args, measure_gflops)
+    return common.cli_main("tunix", __doc__, os.path.abspath(__file__), run_workload, versions, measure_gflops, argv)
 
 
 if __name__ == "__main__":
