@@ -159,6 +159,17 @@ PLOTS = {
 }
 
 
+def running_mean(values, window: int) -> list[float]:
+    """Mean of the last `window` values at each point (fewer at the start), so curves keep their length."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     """PNG curves of a run's metrics.jsonl into run_dir/plots/; returns the files written."""
     import matplotlib
@@ -183,9 +194,14 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for key in series:
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            if len(xs) < 30:
+                ax.plot(xs, ys, marker="o", markersize=3, label=key)
+            else:  # noisy per-step values: faint raw curve under a running mean
+                (raw,) = ax.plot(xs, ys, alpha=0.3, linewidth=0.8)
+                ax.plot(xs, running_mean(ys, max(2, len(ys) // 20)), color=raw.get_color(), label=key)
         ax.set_xlabel("step")
         ax.set_title(name.replace("_", " "))
         ax.grid(alpha=0.3)

@@ -56,14 +56,3 @@ def test_bad_config_exits_nonzero_with_one_line_no_traceback(args, message):
 def test_unknown_command_and_unknown_flag_of_a_plain_command():
     out = launch("trian")
     assert out.returncode != 0 and "invalid choice" in out.stderr
-
-
-def test_demo_prints_the_worked_example():
-    out = launch("demo", "--config", "configs/demo.yaml")
-    assert out.returncode == 0, out.stderr
-    assert "[+0.56616, +0.36028, -1.49261, +0.56616]" in out.stdout
-    assert "[+0.27500, +0.17500, -0.72500, +0.27500]" in out.stdout
-    assert "no model is trained" in out.stdout
-    # the REINFORCE identity line reports a difference at float32 rounding level
-    line = next(l for l in out.stdout.splitlines() if "max |d loss/d logp" in l)
-    assert float(line.rsplit("=", 1)[1]) < 1e-6

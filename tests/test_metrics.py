@@ -3,7 +3,7 @@
 import json
 
 from grpo_jax.config import LoggingConfig
-from grpo_jax.metrics import MetricsLogger, plot_run, read_metrics, truncate_metrics
+from grpo_jax.metrics import MetricsLogger, plot_run, read_metrics, running_mean, truncate_metrics
 
 
 def test_jsonl_console_and_tensorboard(tmp_path, capsys):
@@ -49,6 +49,11 @@ def test_plots_are_written(tmp_path):
     names = sorted(p.name for p in plot_run(tmp_path))
     assert names == ["clip_ratio.png", "completion_length.png", "kl.png", "reward.png", "reward_per_function.png"]
     assert all((tmp_path / "plots" / n).stat().st_size > 1000 for n in names)
+
+
+def test_running_mean_averages_the_last_window_values():
+    assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert running_mean([2.0], 5) == [2.0]
 
 
 def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
