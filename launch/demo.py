@@ -61,7 +61,7 @@ def main(args) -> int:
 
     print()
     print(results_table(summary["before"], summary["after"], summary["history"]))
-    print(f"\nwall time {time.perf_counter() - t0:.0f} s (warm start {t_sft:.0f} s, GRPO with both evaluations "
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s (warm start {t_sft:.0f} s, GRPO with its evaluations "
           f"{t_grpo:.0f} s)")
     print("outputs:")
     print(f"  {grpo_dir / 'metrics.jsonl'}  (every step's metrics; `python -m launch plot {grpo_dir}` redraws)")

@@ -72,3 +72,15 @@ def test_completion_logprobs_from_hidden_states_match_full_logits():
     g_chunked, g_full = (jax.grad(functools.partial(total, f))(params) for f in (chunked, full))
     for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_full)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_update_profile_times_and_breaks_down_the_update(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    p = subprocess.run([sys.executable, "bench/update_profile.py", "--workload", "tiny", "--steps", "1", "--top", "3"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("tiny update step: first ")
+    total = float(lines[1].split("(")[1].split(" ms")[0])
+    kinds = [float(line.split()[0]) for line in lines[2:]]
+    assert total > 0 and len(kinds) == 3 and kinds == sorted(kinds, reverse=True) and kinds[0] <= total
