@@ -259,6 +259,13 @@ def add_common_args(ap) -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one workload, print RESULT
 
 
+def jax_matmul_gflops() -> float:
+    """The f32 matmul rate JAX reaches here (bench/peak.py), for the JAX sides' floors (ours and tunix)."""
+    from bench.peak import matmul_flops_per_s
+
+    return matmul_flops_per_s() / 1e9
+
+
 def main_parent(framework: str, versions: dict, script: str, args, measure_gflops: Callable[[], float]) -> int:
     """The top level every script shares: measure the matmul rate, run each workload in a child, print."""
     gflops = args.matmul_gflops or measure_gflops()

@@ -149,14 +149,9 @@ def versions() -> dict:
     return {p: md.version(p) for p in ("google-tunix", "jax", "flax")}
 
 
-def measure_gflops() -> float:
-    from bench.peak import matmul_flops_per_s
-
-    return matmul_flops_per_s() / 1e9
-
-
 def main(argv=None) -> int:
-    return common.cli_main("tunix", __doc__, os.path.abspath(__file__), run_workload, versions, measure_gflops, argv)
+    return common.cli_main("tunix", __doc__, os.path.abspath(__file__), run_workload, versions,
+                           common.jax_matmul_gflops, argv)
 
 
 if __name__ == "__main__":
