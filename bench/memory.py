@@ -20,7 +20,6 @@ configs/qwen2.5-0.5b-gsm8k.yaml), beta 0:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -54,8 +53,7 @@ def measure(preset: str) -> dict:
     report = planner.plan(cfg, model_config, mesh, programs=("update",), progress=progress)
     # the variants traced as the train step traces the model: activation rows split over the devices
     # (without it XLA may follow the fsdp-sharded weights and compute every row on every device)
-    shard = getattr(tf, "shard_activations", None)
-    with shard(mesh) if shard else contextlib.nullcontext():
+    with tf.shard_activations(mesh):
         progress("compiling log-prob variants")
         variants = {k: v["temp"] for k, v in planner.compare_logprob_variants(model_config, cfg, mesh).items()}
     return {"preset": preset, "rows": 64, "tokens": 1024, "devices": DEVICES,

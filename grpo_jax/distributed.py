@@ -323,6 +323,13 @@ def allgather_rows(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def allgather_scalars(values: dict) -> dict[str, np.ndarray]:
+    """{name: every process's value of it, in process order} (every process passes the same names)."""
+    names = sorted(values)
+    table = allgather_rows(np.asarray([[values[n] for n in names]], np.float64))
+    return {n: table[:, i] for i, n in enumerate(names)}
+
+
 def global_max(value: int) -> int:
     """The largest of every process's value (e.g. a prompt length all processes must pad to)."""
     if jax.process_count() == 1:

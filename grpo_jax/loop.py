@@ -359,15 +359,12 @@ class Run(Generation):
         (every process has as many prompts). The dict itself single-process."""
         if jax.process_count() == 1:
             return metrics
-        keys = sorted(metrics)
-        table = distributed.allgather_rows(np.asarray([[metrics[k] for k in keys]], np.float64))
-
         def combine(key, column):
             if key.endswith("_max"):
                 return column.max()
             return column.sum() if key.startswith("data/prompts_") else column.mean()
 
-        return {k: float(combine(k, table[:, i])) for i, k in enumerate(keys)}
+        return {k: float(combine(k, column)) for k, column in distributed.allgather_scalars(metrics).items()}
 
     def check_finite(self, step: int, metrics: dict) -> None:
         skipped = metrics.get("update_skipped", 0.0)
@@ -391,12 +388,11 @@ class Run(Generation):
         processes = jax.process_count()
         metrics = evaluate(self, self.eval_data, -(-self.cfg.run.eval_max_examples // processes))
         if processes > 1:
-            keys = sorted(metrics)
-            table = distributed.allgather_rows(np.asarray([[metrics[k] for k in keys]], np.float64))
-            weights = table[:, keys.index("eval/examples")]
-            metrics = {k: float(np.average(table[:, i], weights=weights)) for i, k in enumerate(keys)}
+            columns = distributed.allgather_scalars(metrics)
+            weights = columns["eval/examples"]
+            metrics = {k: float(np.average(column, weights=weights)) for k, column in columns.items()}
             metrics["eval/examples"] = float(weights.sum())
-            metrics["eval/time_s"] = float(table[:, keys.index("eval/time_s")].max())
+            metrics["eval/time_s"] = float(columns["eval/time_s"].max())
         self.eval_history.append({"step": step, **metrics})
         return metrics
 

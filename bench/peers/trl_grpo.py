@@ -26,6 +26,7 @@ Recompilations: torch runs eagerly (no compile), reported as 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -60,22 +61,26 @@ def run_workload(w: common.Workload, steps: int, matmul_gflops: float) -> dict:
     phase = {"rollout": 0.0, "reward": 0.0, "logps": 0.0}
     scoring = [False]
 
+    @contextlib.contextmanager
+    def timed(key):
+        """Adds the block's seconds to phase[key] (key None: not timed)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if key is not None:
+                phase[key] += time.perf_counter() - t
+
     class TimedGRPOTrainer(GRPOTrainer):
         """GRPOTrainer whose rollout, reward and no-grad log-prob phases are timed."""
 
         def _generate(self, *a, **kw):
-            t = time.perf_counter()
-            try:
+            with timed("rollout"):
                 return super()._generate(*a, **kw)
-            finally:
-                phase["rollout"] += time.perf_counter() - t
 
         def _calculate_rewards(self, *a, **kw):
-            t = time.perf_counter()
-            try:
+            with timed("reward"):
                 return super()._calculate_rewards(*a, **kw)
-            finally:
-                phase["reward"] += time.perf_counter() - t
 
         def _generate_and_score_completions(self, *a, **kw):
             scoring[0] = True
@@ -85,12 +90,9 @@ def run_workload(w: common.Workload, steps: int, matmul_gflops: float) -> dict:
                 scoring[0] = False
 
         def _get_per_token_logps_and_entropies(self, *a, **kw):
-            t = time.perf_counter()
-            try:
+            # the no-grad reference / old-policy pass happens while scoring; the training forward does not count
+            with timed("logps" if scoring[0] else None):
                 return super()._get_per_token_logps_and_entropies(*a, **kw)
-            finally:
-                if scoring[0]:
-                    phase["logps"] += time.perf_counter() - t
 
     step_times, splits = [], []
 

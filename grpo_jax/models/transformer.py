@@ -377,13 +377,9 @@ def _rows_constraint(mesh):
     """x -> x with its leading (batch) axis split over data x fsdp, the rest replicated; identity without a mesh."""
     if mesh is None:
         return lambda x: x
-    from grpo_jax.sharding import spec_for
+    from grpo_jax.sharding import rows_sharding
 
-    def constrain(x):
-        spec = spec_for(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
-        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
-
-    return constrain
+    return lambda x: jax.lax.with_sharding_constraint(x, rows_sharding(x, mesh))
 
 
 def apply(config: TransformerConfig, params: dict, tokens, positions, attention_mask,
