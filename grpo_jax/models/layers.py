@@ -10,6 +10,7 @@ head, ``D`` hidden size, ``Dh`` head dim.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -220,8 +221,40 @@ def activation_fn(name: str):
 
 
 def gated_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation: str) -> jax.Array:
-    """down(act(x @ gate) * (x @ up)); x [B, T, D], w_gate/w_up [D, F], w_down [F, D]."""
-    act = activation_fn(activation)
+    """down(act(x @ gate) * (x @ up)); x [B, T, D], w_gate/w_up [D, F], w_down [F, D].
+
+    The backward pass is written by hand (`_gated_mlp_bwd`): same values as autodiff
+    (to float rounding), but XLA:CPU compiled autodiff's version with the elementwise
+    gradient of act(gate) * up fused into a transposing copy of two [tokens, F]
+    arrays per layer, about 30% of the whole train step on the `small` benchmark.
+    """
+    return _gated_mlp(activation, x, w_gate, w_up, w_down)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gated_mlp(activation, x, w_gate, w_up, w_down):
+    return _gated_mlp_fwd(activation, x, w_gate, w_up, w_down)[0]
+
+
+def _gated_mlp_fwd(activation, x, w_gate, w_up, w_down):
     gate = jnp.einsum("btd,df->btf", x, w_gate)
     up = jnp.einsum("btd,df->btf", x, w_up)
-    return jnp.einsum("btf,fd->btd", act(gate) * up, w_down)
+    out = jnp.einsum("btf,fd->btd", activation_fn(activation)(gate) * up, w_down)
+    return out, (x, gate, up, w_gate, w_up, w_down)
+
+
+def _gated_mlp_bwd(activation, residuals, d_out):
+    x, gate, up, w_gate, w_up, w_down = residuals
+    activated, act_vjp = jax.vjp(activation_fn(activation), gate)
+    d_hidden = jnp.einsum("btd,fd->btf", d_out, w_down)
+    (d_gate,) = act_vjp(d_hidden * up)
+    d_up = d_hidden * activated
+    d_x = jnp.einsum("btf,df->btd", d_gate, w_gate) + jnp.einsum("btf,df->btd", d_up, w_up)
+    d_w_gate = jnp.einsum("btd,btf->df", x, d_gate)
+    d_w_up = jnp.einsum("btd,btf->df", x, d_up)
+    d_w_down = jnp.einsum("btf,btd->fd", activated * up, d_out)
+    return (d_x.astype(x.dtype), d_w_gate.astype(w_gate.dtype), d_w_up.astype(w_up.dtype),
+            d_w_down.astype(w_down.dtype))
+
+
+_gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)
