@@ -250,9 +250,11 @@ def _gated_mlp_bwd(activation, residuals, d_out):
     (d_gate,) = act_vjp(d_hidden * up)
     d_up = d_hidden * activated
     d_x = jnp.einsum("btf,df->btd", d_gate, w_gate) + jnp.einsum("btf,df->btd", d_up, w_up)
-    d_w_gate = jnp.einsum("btd,btf->df", x, d_gate)
+    d_w_gate = jnp.einsum("btd,btf->df", x, d_gate)  # x: [tokens, D], the narrow one, on the left
     d_w_up = jnp.einsum("btd,btf->df", x, d_up)
-    d_w_down = jnp.einsum("btf,btd->fd", activated * up, d_out)
+    # contracted over tokens as [D, F] then transposed: XLA:CPU lays out the left operand
+    # of a token-contracting dot transposed, and [tokens, D] is the cheaper one to copy
+    d_w_down = jnp.einsum("btd,btf->df", d_out, activated * up).T
     return (d_x.astype(x.dtype), d_w_gate.astype(w_gate.dtype), d_w_up.astype(w_up.dtype),
             d_w_down.astype(w_down.dtype))
 
