@@ -511,19 +511,20 @@ def save_config(cfg: Config, directory: str | os.PathLike) -> str:
     return path
 
 
-def announce_config(cfg: Config, save: bool = True) -> Optional[str]:
-    """Print the resolved config; with save, write it into run.output_dir (returns the path).
+def announce_config(cfg: Config, save: bool = True, show: bool = True) -> Optional[str]:
+    """Print the resolved config (show) and, with save, write it into run.output_dir (returns the path).
 
     An output dir that cannot be written is a ConfigError naming it.
     """
-    print("resolved config:\n" + to_yaml(cfg).rstrip(), flush=True)
+    if show:
+        print("resolved config:\n" + to_yaml(cfg).rstrip(), flush=True)
     if not save:
         return None
     try:
         path = save_config(cfg, cfg.run.output_dir)
     except OSError as e:
         raise ConfigError(f"cannot write to run.output_dir {cfg.run.output_dir}: {e.strerror or e}") from None
-    print(f"saved to {path}")
+    print(f"saved to {path}" if show else f"resolved config saved to {path}", flush=True)
     return path
 
 

@@ -201,11 +201,11 @@ class Generation:
 class Run(Generation):
     """One training run's live objects. `train(cfg)` builds one and calls `run()`."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, show_config: bool = True):
         self.run_dir = Path(cfg.run.output_dir)
         distributed.initialize(cfg.mesh)  # before the first JAX call below
         if jax.process_index() == 0:
-            announce_config(cfg)
+            announce_config(cfg, show=show_config)
         super().__init__(cfg)
         updates = max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
         self.optimizer = make_optimizer(cfg.optim, updates)
@@ -457,10 +457,11 @@ class Run(Generation):
 HISTORY_KEYS = ("reward/mean", "loss", "kl", "completion/mean_length", "time/step_s")
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, show_config: bool = True) -> dict:
+    """One GRPO run; show_config=False prints only where the resolved config was saved."""
     run = None
     try:
-        run = Run(cfg)
+        run = Run(cfg, show_config)
         return run.run()
     except BaseException as e:
         if distributed.is_initialized() and jax.process_count() > 1:

@@ -56,7 +56,7 @@ def main(args) -> int:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model_dir)),
                               run=dataclasses.replace(cfg.run, output_dir=str(grpo_dir)))
     t_grpo = time.perf_counter()
-    summary = train(cfg)
+    summary = train(cfg, show_config=False)  # one line saying where the resolved config went
     t_grpo = time.perf_counter() - t_grpo
 
     print()

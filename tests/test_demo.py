@@ -36,5 +36,6 @@ def test_shortened_demo_raises_held_out_accuracy(tmp_path):
     assert gain >= MARGIN, (before, after)
     # what a user reads: the table, the outputs it names exist
     assert "before GRPO" in proc.stdout and "held-out accuracy" in proc.stdout
+    assert "resolved config:" not in proc.stdout and (out / "grpo" / "config.yaml").exists()  # one line, no YAML
     assert (out / "grpo" / "plots" / "reward.png").exists()
     assert (out / "sft" / "model").is_dir()
