@@ -278,9 +278,9 @@ def generate_rows(
 
 
 def _rollout_shardings(mesh: jax.sharding.Mesh, rows: int) -> Rollout:
-    split = rows % sharding.data_parallel_size(mesh) == 0
-    row = lambda ndim: sharding.batch_sharding(mesh, ndim) if split else sharding.replicated(mesh)  # noqa: E731
-    return Rollout(row(2), row(2), row(2), row(1), sharding.replicated(mesh))
+    per_row = sharding.rows_sharding(jax.ShapeDtypeStruct((rows,), jnp.int32), mesh)
+    per_token = sharding.rows_sharding(jax.ShapeDtypeStruct((rows, 1), jnp.int32), mesh)
+    return Rollout(per_token, per_token, per_token, per_row, sharding.replicated(mesh))
 
 
 @functools.lru_cache(maxsize=None)
