@@ -4,9 +4,12 @@ The update (forward + backward + AdamW over one generation batch) is our largest
 in bench/grpo_step.py. This times it on a fixed random batch of a workload's shape
 (no rollout), then traces two steps with `jax.profiler` and sums the device time by
 XLA fusion kind (`ynn_fusion.12` and `ynn_fusion.3` count as `ynn_fusion`: matmuls on
-XLA:CPU; `copy*` / `transpose*`: layout copies; ...), largest first.
+XLA:CPU; `copy*` / `transpose*`: layout copies; ...), largest first. `--by op` lists
+single ops instead, each with its output shape and the JAX operation it came from (from
+the compiled HLO), which is how to find *which* copy or matmul is slow; it also prints
+how much of the device time ran concurrently on XLA:CPU's threads.
 
-    .venv/bin/python bench/update_profile.py [--workload small] [--steps 6] [--top 12]
+    .venv/bin/python bench/update_profile.py [--workload small] [--steps 6] [--top 12] [--by kind|op]
 """
 
 from __future__ import annotations
@@ -60,22 +63,59 @@ def build(w: common.Workload):
     return state, sharding.shard_rows(batch, mesh), update, cfg
 
 
-def time_by_fusion_kind(trace_dir: str, steps: int) -> collections.Counter:
-    """Milliseconds per step of each XLA op kind in a jax.profiler trace (host-side Python excluded)."""
+def device_events(trace_dir: str) -> list[dict]:
+    """The complete ("X") events of XLA ops in a jax.profiler trace (host-side Python excluded)."""
     path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+    return [e for e in json.load(gzip.open(path))["traceEvents"]
+            if e.get("ph") == "X" and "dur" in e and not e.get("name", "").startswith(("$", "Thunk"))]
+
+
+def time_by_fusion_kind(events: list[dict], steps: int) -> collections.Counter:
+    """Milliseconds per step of each XLA op kind (`copy_bitcast_fusion.7` counts as `copy_bitcast_fusion`)."""
     totals = collections.Counter()
-    for event in json.load(gzip.open(path))["traceEvents"]:
-        name = event.get("name", "")
-        if event.get("ph") == "X" and "dur" in event and not name.startswith(("$", "Thunk")):
-            totals[re.sub(r"[.\d]+$", "", name)] += event["dur"] / 1e3 / steps
+    for event in events:
+        totals[re.sub(r"[.\d]+$", "", event["name"])] += event["dur"] / 1e3 / steps
     return totals
+
+
+def time_by_op(events: list[dict], steps: int) -> tuple[collections.Counter, collections.Counter]:
+    """(milliseconds per step, calls per step) of each single op."""
+    totals, calls = collections.Counter(), collections.Counter()
+    for event in events:
+        totals[event["name"]] += event["dur"] / 1e3 / steps
+        calls[event["name"]] += 1 / steps
+    return totals, calls
+
+
+def describe_ops(hlo_text: str) -> dict[str, str]:
+    """op name -> "output shape  JAX operation" from compiled HLO text."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+)", line)
+        if m and m.group(1) not in out:
+            source = re.search(r'op_name="([^"]+)"', line)
+            out[m.group(1)] = f"{m.group(2)}  {source.group(1)[-60:] if source else ''}"
+    return out
+
+
+def busy_ms(events: list[dict], steps: int) -> float:
+    """Milliseconds per step during which at least one thread ran an op (sum minus the overlap)."""
+    total, end = 0.0, None
+    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in events if not e["name"].startswith("PjitFunction")):
+        if end is None or start > end:
+            total, end = total + (stop - start), stop
+        elif stop > end:
+            total, end = total + (stop - end), stop
+    return total / 1e3 / steps
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="small", choices=sorted(common.WORKLOADS))
     parser.add_argument("--steps", type=int, default=6, help="timed steps after the first (compile) one")
-    parser.add_argument("--top", type=int, default=12, help="op kinds to print")
+    parser.add_argument("--top", type=int, default=12, help="op kinds (or ops) to print")
+    parser.add_argument("--by", choices=("kind", "op"), default="kind",
+                        help="sum by op kind, or list single ops with their shapes")
     args = parser.parse_args(argv)
 
     import jax
@@ -103,10 +143,19 @@ def main(argv=None) -> int:
         with jax.profiler.trace(trace_dir):
             for _ in range(2):
                 state, _ = step(state)
-        totals = time_by_fusion_kind(trace_dir, 2)
-    print(f"device time per step by op kind ({sum(totals.values()):.0f} ms in all):")
-    for kind, ms in totals.most_common(args.top):
-        print(f"  {ms:8.1f} ms  {kind}")
+        events = device_events(trace_dir)
+    if args.by == "kind":
+        totals = time_by_fusion_kind(events, 2)
+        print(f"device time per step by op kind ({sum(totals.values()):.0f} ms in all):")
+        for kind, ms in totals.most_common(args.top):
+            print(f"  {ms:8.1f} ms  {kind}")
+        return 0
+    totals, calls = time_by_op(events, 2)
+    ops = describe_ops(update.lower(state, batch).compile().as_text())
+    print(f"device time per step by op ({sum(totals.values()):.0f} ms in all, "
+          f"{busy_ms(events, 2):.0f} ms with at least one thread busy):")
+    for name, ms in totals.most_common(args.top):
+        print(f"  {ms:8.1f} ms  x{calls[name]:<4.0f} {name:32s} {ops.get(name, '')}")
     return 0
 
 
