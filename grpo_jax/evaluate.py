@@ -65,7 +65,7 @@ def evaluate(run, dataset, max_examples: int, k: int = 1, sampling: Optional[Sam
             break
         enc, out = run.rollout(batch["prompt"], jax.random.fold_in(jax.random.PRNGKey(seed), b), sp, k)
         tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-        completions = decode_completions(run.policy.tokenizer, tokens, mask)
+        completions = decode_completions(run.policy.tokenizer, tokens, mask, run.formatter.assistant_prefix)
         prompts = [t for t in enc.texts for _ in range(k)]
         result = run.rewards.submit(prompts, completions, reward_columns(batch, k, mask.sum(1)),
                                     completion_ids=tokens, completion_mask=mask).result()

@@ -94,8 +94,11 @@ def stop_token_ids(tokenizer) -> list[int]:
     return [int(i) for i in ids]
 
 
-def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
-    return tokenizer.batch_decode([row[m].tolist() for row, m in zip(tokens, mask)], skip_special_tokens=True)
+def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray, prefix: str = "") -> list[str]:
+    """Completion texts as rewards see them: `prefix` (data.assistant_prefix, which the model
+    continued from) followed by the decoded tokens."""
+    texts = tokenizer.batch_decode([row[m].tolist() for row, m in zip(tokens, mask)], skip_special_tokens=True)
+    return [prefix + t for t in texts]
 
 
 def reward_columns(batch: dict, group_size: int, completion_lengths: np.ndarray) -> dict:
@@ -283,7 +286,7 @@ class Run(Generation):
         pending = self.assemble(*self.to_mesh((rows(enc.ids), rows(enc.mask), tokens, loss_mask,
                                                np.zeros(len(tokens), np.float32))))
         pending = self.steps[0](self.state, pending)  # reference / old log-probs, dispatched asynchronously
-        completions = decode_completions(self.policy.tokenizer, tokens, mask)
+        completions = decode_completions(self.policy.tokenizer, tokens, mask, self.formatter.assistant_prefix)
         prompts_text = [t for t in enc.texts for _ in range(G)]
         lengths = mask.sum(axis=1)
         result = self.rewards.submit(prompts_text, completions, reward_columns(batch, G, lengths),

@@ -27,8 +27,12 @@ from grpo_jax.rollout import bucket_length, pad_prompts_left
 from grpo_jax.trainer import Batch, assemble_batch, completion_logprobs, init_train_state
 
 
-def completion_targets(tokenizer, rows: dict, template: str, max_len: int) -> list[list[int]]:
-    """Token ids of each row's target completion (template filled from the row), ending in EOS."""
+def completion_targets(tokenizer, rows: dict, template: str, max_len: int, prefix: str = "") -> list[list[int]]:
+    """Token ids of each row's target completion (template filled from the row), ending in EOS.
+
+    prefix: data.assistant_prefix, which already ends the prompt; a target starting with
+    it has it removed, so prompt + target reads as the filled template once.
+    """
     n = len(rows["prompt"])
     out = []
     for i in range(n):
@@ -38,6 +42,8 @@ def completion_targets(tokenizer, rows: dict, template: str, max_len: int) -> li
         except KeyError as e:
             raise ValueError(f"sft.completion_template uses {e}, which the data rows do not have "
                              f"(columns: {', '.join(sorted(row))})") from None
+        if prefix and text.startswith(prefix):
+            text = text[len(prefix):]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_len - 1]
         out.append(list(ids) + [tokenizer.eos_token_id])
     return out
@@ -97,8 +103,8 @@ def run_sft(cfg: Config, out_dir: str | Path | None = None) -> Path:
         width = bucket_length(enc.ids.shape[1], cfg.rollout.prompt_length_buckets)  # few compiled shapes
         p_ids, p_mask = pad_prompts_left(enc.ids, enc.mask, width, formatter.pad_id)
         c_ids, c_mask = pad_right(completion_targets(policy.tokenizer, rows, s.completion_template,
-                                                     s.max_completion_length), s.max_completion_length,
-                                  formatter.pad_id)
+                                                     s.max_completion_length, formatter.assistant_prefix),
+                                  s.max_completion_length, formatter.pad_id)
         batch = sharding.shard_rows(assemble_batch(p_ids, p_mask, c_ids, c_mask, np.zeros(len(c_ids))), mesh)
         state, metrics = step_fn(state, batch)
         if (i + 1) % cfg.logging.every_steps == 0 or i + 1 == s.steps:

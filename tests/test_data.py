@@ -360,6 +360,19 @@ def test_chat_template_and_system_prompt(tokenizer):
         plain.text(msgs)
 
 
+def test_assistant_prefix_ends_the_prompt_and_starts_each_completion(tokenizer):
+    from grpo_jax.loop import decode_completions
+
+    fmt = PromptFormatter.from_config(cfg(assistant_prefix=" c"), tokenizer)
+    assert fmt.text("a b") == "<s><|user|> a b <|end|> <|assistant|> c"
+    assert fmt.encode(["a b"], 32).ids[0].tolist()[-2:] == tokenizer.convert_tokens_to_ids(["<|assistant|>", "c"])
+    assert PromptFormatter(tokenizer, chat_template=False, assistant_prefix=" c").text("a") == "a c"
+    tokens = np.asarray([tokenizer.convert_tokens_to_ids(["d", "e", "</s>"])])
+    mask = np.asarray([[True, True, False]])
+    plain = decode_completions(tokenizer, tokens, mask)
+    assert decode_completions(tokenizer, tokens, mask, fmt.assistant_prefix) == [" c" + plain[0]]
+
+
 def test_left_padding_truncation_and_drop_counts(tokenizer):
     fmt = PromptFormatter(tokenizer, chat_template=False)
     prompts = ["a", "a b c", "a b c d e f g h", "b c"]  # 2, 4, 9, 3 tokens with BOS

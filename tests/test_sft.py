@@ -25,6 +25,15 @@ def test_completion_targets_end_in_eos_and_name_missing_columns():
         raise AssertionError("expected a ValueError")
 
 
+def test_completion_targets_drop_the_assistant_prefix_the_prompt_already_ends_with():
+    tok = char_tokenizer()
+    rows = {"prompt": ["p"], "answer": ["13"]}
+    eos = [tok.eos_token_id]
+    assert completion_targets(tok, rows, "=>{answer}", 8, prefix="=>") == [tok("13", add_special_tokens=False)["input_ids"] + eos]
+    assert completion_targets(tok, rows, "{answer}", 8, prefix="=>") == [tok("13", add_special_tokens=False)["input_ids"] + eos]
+    assert completion_targets(tok, rows, "=>{answer}", 8) == [tok("=>13", add_special_tokens=False)["input_ids"] + eos]
+
+
 def test_sft_lowers_the_loss_and_writes_a_model_grpo_can_load(tmp_path):
     base = make_char_model(tmp_path / "base", hidden=32, layers=2, mlp=64)
     args = [f"--model.path={base}", f"--run.output_dir={tmp_path / 'run'}", "--sft.steps=40", "--sft.batch_size=16",

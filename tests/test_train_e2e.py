@@ -65,12 +65,16 @@ def test_cli_train_prints_evaluation_table(tiny_model, tmp_path):
 
 def test_reference_sync_filtering_and_throughput_metrics(tiny_model, tmp_path):
     args = ["--run.steps=3", "--grpo.beta=0.04", "--grpo.ref_sync_steps=1", "--grpo.ref_mixup_alpha=1.0",
-            "--grpo.filter_zero_std_groups=true", "--logging.peak_tflops_per_device=1.0", "--data.eval_split=null"]
+            "--grpo.filter_zero_std_groups=true", "--logging.peak_tflops_per_device=1.0", "--data.eval_split=null",
+            "--data.assistant_prefix=1"]
     history = train(load_config(None, target_config(tiny_model, tmp_path / "r", *args)))["history"]
     # the reference is reset to the policy after every step, so the KL at the next update is exactly 0
     assert all(h["kl"] == 0.0 for h in history)
     rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["throughput/train_tflops"] > 0 and 0 < r["throughput/train_mfu"] for r in rows)
+    # the prompt ends with the assistant prefix and the scored completion starts with it
+    samples = [json.loads(l) for l in (tmp_path / "r" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["prompt"].endswith("1") and s["completion"].startswith("1") for s in samples), samples
 
 
 def test_eval_and_export_of_a_run(tiny_model, tmp_path):

@@ -73,15 +73,17 @@ def pad_token_id(tokenizer) -> int:
 class PromptFormatter:
     """Turns dataset prompts into text and left-padded token ids for one tokenizer."""
 
-    def __init__(self, tokenizer, system_prompt: Optional[str] = None, chat_template: bool = True):
+    def __init__(self, tokenizer, system_prompt: Optional[str] = None, chat_template: bool = True,
+                 assistant_prefix: str = ""):
         self.tokenizer = tokenizer
         self.system_prompt = resolve_system_prompt(system_prompt)
+        self.assistant_prefix = assistant_prefix
         self.use_chat = bool(chat_template) and bool(getattr(tokenizer, "chat_template", None))
         self.pad_id = pad_token_id(tokenizer)
 
     @classmethod
     def from_config(cls, data_cfg, tokenizer) -> "PromptFormatter":
-        return cls(tokenizer, data_cfg.system_prompt, data_cfg.chat_template)
+        return cls(tokenizer, data_cfg.system_prompt, data_cfg.chat_template, data_cfg.assistant_prefix)
 
     def messages(self, prompt: Prompt) -> list[dict]:
         if isinstance(prompt, str):
@@ -93,7 +95,10 @@ class PromptFormatter:
         return msgs
 
     def text(self, prompt: Prompt) -> str:
-        """The text the model sees before its completion."""
+        """The text the model sees before its completion, ending in data.assistant_prefix."""
+        return self._framed(prompt) + self.assistant_prefix
+
+    def _framed(self, prompt: Prompt) -> str:
         if self.use_chat:
             out = self.tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, add_generation_prompt=True)
             if not isinstance(out, str):  # some versions return a list for a single conversation
