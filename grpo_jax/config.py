@@ -146,7 +146,7 @@ class DataConfig:
     """Wrap prompts in the tokenizer's chat template (when it has one)."""
     assistant_prefix: str = ""
     """Text put after the prompt (after the template's assistant turn start): the model
-    continues from it, and rewards see it as the start of each completion. `"<think>\n"`
+    continues from it, and rewards see it as the start of each completion. `"<think>\\n"`
     starts R1-style answers for a model that would not open the tag itself."""
     overlong_prompts: Literal["truncate_left", "drop"] = "truncate_left"
     """What to do with prompts longer than rollout.max_prompt_length."""
