@@ -340,15 +340,28 @@ def _parse_overrides(overrides: Sequence[str]) -> Any:
         dotlist.append(key)
         i += 1
     # A text field takes the text as typed: `--sft.completion_template={teacher}` is a
-    # template, not a YAML mapping, and `--run.name=007` stays "007".
+    # template, not a YAML mapping, and `--run.name=007` stays "007". In double quotes it is
+    # a YAML string, escapes included: `--data.assistant_prefix="<think>\n"` ends in a newline.
     texts = [item.split("=", 1) for item in dotlist if _is_text_field(item.split("=", 1)[0])]
     try:
         layer = OmegaConf.from_dotlist([item for item in dotlist if not _is_text_field(item.split("=", 1)[0])])
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, source=None)) from None
     for name, value in texts:
-        OmegaConf.update(layer, name, None if value in ("null", "~") else value, force_add=True)
+        OmegaConf.update(layer, name, _text_value(name, value), force_add=True)
     return layer
+
+
+def _text_value(name: str, value: str) -> Optional[str]:
+    if value in ("null", "~"):
+        return None
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return str(yaml.safe_load(value))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--{name}: {value} is not a valid double-quoted string "
+                              f"({str(e).splitlines()[0]})") from None
+    return value
 
 
 def _is_text_field(dotted: str) -> bool:

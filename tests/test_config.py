@@ -33,6 +33,12 @@ def test_text_fields_take_the_override_as_typed():
                              "--data.system_prompt", "Answer: {x}"])
     assert cfg.sft.completion_template == "{teacher}" and cfg.run.name == "007"
     assert cfg.model.tokenizer is None and cfg.data.system_prompt == "Answer: {x}"
+    # double quotes make it a YAML string, escapes and all; without them a backslash stays
+    cfg = load_config(None, ['--data.assistant_prefix="<think>\\n"', '--run.name="null"'])
+    assert cfg.data.assistant_prefix == "<think>\n" and cfg.run.name == "null"
+    assert load_config(None, ["--data.assistant_prefix=<think>\\n"]).data.assistant_prefix == "<think>\\n"
+    with pytest.raises(ConfigError, match="assistant_prefix"):
+        load_config(None, ['--data.assistant_prefix="a\\q"'])
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))), ids=os.path.basename)
