@@ -84,3 +84,45 @@ def test_update_profile_times_and_breaks_down_the_update(tmp_path):
     total = float(lines[1].split("(")[1].split(" ms")[0])
     kinds = [float(line.split()[0]) for line in lines[2:]]
     assert total > 0 and len(kinds) == 3 and kinds == sorted(kinds, reverse=True) and kinds[0] <= total
+
+
+def test_peak_shapes_parse_and_time():
+    """bench/peak.py --shapes: MxKxN products timed alone; a malformed shape is a clear error."""
+    import argparse
+
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import peak
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert peak.parse_shapes("64x32x16,8X8x8") == [(64, 32, 16), (8, 8, 8)]
+    for bad in ("64x32", "64x0x16", "ax2x3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="MxKxN"):
+            peak.parse_shapes(bad)
+    (row,) = peak.matmul_shape_rates([(64, 32, 16)])
+    assert row["shape"] == "64x32x16" and finite_positive(row["ms"]) and finite_positive(row["gflops"])
+    assert math.isclose(row["gflops"], 2 * 64 * 32 * 16 / (row["ms"] / 1e3) / 1e9)
+
+
+def test_floor_matmuls_add_up_to_floor_flops():
+    """bench/kernel_floor.py times the shapes `common.floor_matmuls` lists; with attention they are the FLOP floor."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.peers import common
+    finally:
+        sys.path.remove(str(ROOT))
+    for w in common.WORKLOADS.values():
+        for old_logps in (False, True):
+            plan, flops = common.floor_matmuls(w, old_logps), common.floor_flops(w, old_logps)
+            for phase in ("rollout", "update", "reference", "old_logps"):
+                matmul = sum(2.0 * m * k * n * c for (m, k, n), c in plan["matmuls"][phase].items())
+                assert math.isclose(matmul + plan["attention"][phase], flops[phase], rel_tol=1e-12), (w.name, phase)
+    small = common.floor_matmuls(common.WORKLOADS["small"])["matmuls"]
+    # decode: each of the 64 rows x 64 tokens x 4 layers goes through gate and up ([64, 256] @ [256, 512])
+    assert small["rollout"][(64, 256, 512)] == 64 * 4 * 2
+    # the update: forward, input gradient and weight gradient of the lm head over 64 x 96 tokens
+    tokens = 64 * 96
+    assert small["update"][(tokens, 256, 1024)] == small["update"][(tokens, 1024, 256)] == 1
+    assert small["update"][(256, tokens, 1024)] == 1

@@ -18,6 +18,7 @@ The split is of those same steps (per-phase medians, so they need not add up exa
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import json
@@ -150,6 +151,44 @@ def floor_flops(w: Workload, old_logps: bool = False) -> dict:
            "reference": sequence if w.beta else 0.0, "old_logps": sequence if old_logps else 0.0}
     out["total"] = sum(out.values())
     return out
+
+
+def projection_shapes(w: Workload) -> list[tuple[int, int]]:
+    """(in, out) of every weight matmul one token goes through: per layer q, k, v, o, gate, up, down; the lm head."""
+    q, kv = w.heads * w.head_dim, w.kv_heads * w.head_dim
+    layer = [(w.hidden, q), (w.hidden, kv), (w.hidden, kv), (q, w.hidden),
+             (w.hidden, w.mlp), (w.hidden, w.mlp), (w.mlp, w.hidden)]
+    return layer * w.layers + [(w.hidden, w.vocab)]
+
+
+def floor_matmuls(w: Workload, old_logps: bool = False) -> dict:
+    """The weight matmuls behind `floor_flops`, as {phase: {(M, K, N): count}} for [M, K] @ [K, N] products,
+    plus each phase's attention FLOPs ({phase: flops}, under "attention"). The update's backward of each
+    forward product [M, K] @ [K, N] is the input gradient [M, N] @ [N, K] and the weight gradient
+    [K, M] @ [M, N]. Their FLOPs plus the attention FLOPs add up to `floor_flops`."""
+    P, N, T = w.prompt_len, w.new_tokens, w.prompt_len + w.new_tokens
+
+    def attention(tokens: int, keys: float) -> float:
+        return 2.0 * tokens * w.layers * 2 * w.heads * w.head_dim * keys
+
+    # several projections share a shape (k and v; gate and up; every layer): count them
+    def counted(tokens: int) -> collections.Counter:
+        return collections.Counter((tokens, k, n) for k, n in projection_shapes(w))
+
+    sequence = counted(w.rows * T)
+    backward = collections.Counter()
+    for (m, k, n), c in sequence.items():
+        backward[(m, n, k)] += c
+        backward[(k, m, n)] += c
+    decode = collections.Counter({shape: c * N for shape, c in counted(w.rows).items()})
+    shapes = {"rollout": counted(w.prompts * P) + decode, "update": sequence + backward,
+              "reference": sequence.copy() if w.beta else collections.Counter(),
+              "old_logps": sequence.copy() if old_logps else collections.Counter()}
+    seq_attention = attention(w.rows * T, T / 2)
+    attn = {"rollout": attention(w.prompts * P, P / 2) + sum(attention(w.rows, P + t + 1) for t in range(N)),
+            "update": 3 * seq_attention, "reference": seq_attention if w.beta else 0.0,
+            "old_logps": seq_attention if old_logps else 0.0}
+    return {"matmuls": shapes, "attention": attn}
 
 
 # ---------------------------------------------------------------- results
