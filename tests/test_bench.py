@@ -126,3 +126,17 @@ def test_floor_matmuls_add_up_to_floor_flops():
     tokens = 64 * 96
     assert small["update"][(tokens, 256, 1024)] == small["update"][(tokens, 1024, 256)] == 1
     assert small["update"][(256, tokens, 1024)] == 1
+
+
+def test_ab_rollout_runs_two_checkouts_in_turns(tmp_path):
+    """bench/ab_rollout.py on this checkout against itself: both sides start, take turns, sample the same tokens."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    p = subprocess.run([sys.executable, "bench/ab_rollout.py", "--base", str(ROOT), "--new", str(ROOT),
+                        "--workload", "tiny", "--rounds", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "sampled tokens same" in p.stdout and "paired ratios" in p.stdout
+    assert len([ln for ln in p.stdout.splitlines() if "median" in ln and "min" in ln]) == 2
+    bad = subprocess.run([sys.executable, "bench/ab_rollout.py", "--base", str(tmp_path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not a grpo_jax checkout" in bad.stderr

@@ -25,6 +25,7 @@ from grpo_jax.models import (
     positions_from_mask,
     unembedding,
 )
+from grpo_jax.models.layers import CACHED_ATTENTION_MAX_QUERIES
 
 LOGICAL_NAMES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm"}
 
@@ -81,10 +82,33 @@ def test_cache_decode_matches_full_forward(config):
     assert max_diff_valid(np.concatenate([a, b], 1), full[:, :P], mask) < 2e-5
 
 
+@pytest.mark.parametrize("config", [RICH, PLAIN], ids=["rich", "plain"])
+def test_long_prefill_then_short_chunks_match_full_forward(config):
+    """A prefill longer than CACHED_ATTENTION_MAX_QUERIES takes the other path (written into the heads-major
+    cache, then `attention` over every slot); a 3-token chunk and a single token after it take
+    `cached_attention`. Each call's logits equal the full forward's at its positions."""
+    model = make(config)
+    tokens, mask = left_padded_batch(lengths=(20, 17, 24), vocab=config.vocab_size)
+    P = tokens.shape[1]
+    assert P > CACHED_ATTENTION_MAX_QUERIES
+    extra = np.random.default_rng(1).integers(1, config.vocab_size, (3, 4)).astype(np.int32)
+    full_tokens, full_mask = np.concatenate([tokens, extra], 1), np.concatenate([mask, np.ones_like(extra)], 1)
+    full = ours_logits(model, full_tokens, full_mask)
+    g, s = nnx.split(model)
+    cache = init_cache(config, 3, P + 4)
+    pos = positions_from_mask(full_mask)
+    logits = []
+    for lo, hi in ((0, P), (P, P + 3), (P + 3, P + 4)):
+        out, cache = forward(g, s, full_tokens[:, lo:hi], pos[:, lo:hi], full_mask[:, lo:hi], cache)
+        logits.append(np.asarray(out))
+    assert int(cache.index) == P + 4
+    assert max_diff_valid(np.concatenate(logits, 1), full, full_mask) < 2e-5
+
+
 def test_cache_layout():
     cache = init_cache(RICH, batch=3, max_len=11)
     assert isinstance(cache, KVCache)
-    assert cache.k.shape == cache.v.shape == (3, 3, 11, 2, 8) and cache.k.dtype == jnp.float32
+    assert cache.k.shape == cache.v.shape == (3, 3, 2, 11, 8) and cache.k.dtype == jnp.float32  # [L, B, K, S, Dh]
     assert cache.slot_mask.shape == (3, 11) and cache.slot_mask.dtype == jnp.bool_
     assert cache.index.shape == () and cache.index.dtype == jnp.int32
     bf = init_cache(RICH.replace(compute_dtype="bfloat16"), 1, 4)

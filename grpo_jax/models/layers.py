@@ -149,38 +149,43 @@ def cached_attention(
 ) -> jax.Array:
     """`attention` of T new queries over a cache that does not hold their keys yet, plus those keys.
 
-    q [B, T, H, Dh]; k_cache/v_cache [B, S, K, Dh] (this layer's cache, slots
+    q [B, T, H, Dh]; k_cache/v_cache [B, K, S, Dh] (this layer's cache, heads-major, slots
     [index, index + T) not written yet); k_new/v_new [B, T, K, Dh]; mask [B, T, S]
     as for `attention` over the written cache. Same result as writing the new
     keys at `index` and calling `attention`, without copying the cache to do so.
 
-    Built for decode on XLA:CPU, where the plain grouped einsums cost ~6x a read of
-    the cache (transposed cache copies plus one tiny matmul per (row, kv head)):
-    each row's cache is one [S*K, Dh] x [Dh, T*H] product in its stored layout,
-    the K-fold extra products (query heads of the other kv heads) are masked off
-    exactly, and probabilities go back through one [T*H, S*K] x [S*K, Dh] product.
+    Built for decode on XLA:CPU. The two products over the cache are broadcast
+    multiplies reduced over Dh (scores) and over S (output), in float32, which XLA
+    fuses into loops that read the heads-major cache as stored. As matmuls they are
+    B * K tiny [T*G, Dh] x [Dh, S] products (or, in the [B, S, K, Dh] layout this
+    replaced, a K-fold cross product masked back to each head's block); the loops
+    made rollout 0.54x (tiny) and 0.90x (small) the time (BENCHMARKS.md, Rollout).
+    Scores [B, K, T*G, S + T] keep slots minor, so the softmax reads contiguous rows.
     """
     b, t, h, dh = q.shape
-    slots, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
     g = h // kv_heads
-    qg = q.reshape(b, t, kv_heads, g, dh)
-    own = jnp.eye(kv_heads, dtype=bool)[:, None, :, None]  # [k, t, j, g]: query group j reads kv head j only
-    batch_dot = ((0,), (0,))
-    # scores over the cache: [B, S, K, T, J, G] -> the J == K blocks, [B, S, K, T, G]
-    full = jax.lax.dot_general(k_cache, qg, (((3,), (4,)), batch_dot), preferred_element_type=jnp.float32)
-    s_cache = jnp.sum(jnp.where(own, full, 0.0), axis=4)
-    s_new = jnp.einsum("bukd,btkgd->buktg", k_new, qg, preferred_element_type=jnp.float32)  # [B, T', K, T, G]
-    scores = jnp.concatenate([s_cache, s_new], axis=1) * jnp.float32(scale)
+    f32 = jnp.float32
+    # the T * G queries of each kv head as one axis: [B, K, T*G, Dh]
+    qr = q.reshape(b, t, kv_heads, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, dh).astype(f32)
+    k_new, v_new = k_new.transpose(0, 2, 1, 3).astype(f32), v_new.transpose(0, 2, 1, 3).astype(f32)  # [B, K, T, Dh]
+
+    def scores_over(keys):  # [B, K, T*G, keys]
+        return jnp.sum(qr[:, :, :, None, :] * keys[:, :, None, :, :].astype(f32), axis=-1)
+
+    scores = jnp.concatenate([scores_over(k_cache), scores_over(k_new)], axis=-1) * f32(scale)
     scores = softcap(scores, logit_softcap)
     slot = jnp.arange(slots)
     unwritten = (slot >= index) & (slot < index + t)
     keep = jnp.concatenate([mask & ~unwritten, jax.lax.dynamic_slice_in_dim(mask, index, t, axis=2)], axis=2)
-    scores = jnp.where(keep.transpose(0, 2, 1)[:, :, None, :, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=1).astype(v_cache.dtype)
-    p_cache = jnp.where(own, probs[:, :slots, :, :, None, :], 0.0)  # [B, S, K, T, J, G]
-    out = jax.lax.dot_general(p_cache, v_cache, (((1, 2), (1, 2)), batch_dot), preferred_element_type=jnp.float32)
-    out = out + jnp.einsum("buktg,bukd->btkgd", probs[:, slots:], v_new, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, dh).astype(q.dtype)
+    keep = jnp.broadcast_to(keep[:, None, :, None, :], (b, 1, t, g, slots + t)).reshape(b, 1, t * g, slots + t)
+    probs = jax.nn.softmax(jnp.where(keep, scores, MASK_VALUE), axis=-1)
+
+    def mix(p, values):  # [B, K, T*G, Dh]
+        return jnp.sum(p[..., None] * values[:, :, None, :, :].astype(f32), axis=-2)
+
+    out = mix(probs[..., :slots], v_cache) + mix(probs[..., slots:], v_new)
+    return out.reshape(b, kv_heads, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h, dh).astype(q.dtype)
 
 
 def make_attention_masks(

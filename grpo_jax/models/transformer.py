@@ -202,7 +202,8 @@ class TransformerConfig:
 class KVCache(NamedTuple):
     """Static-shape KV cache, a plain pytree (jit with donate_argnums to update in place).
 
-    k, v:      [num_layers, B, max_len, num_kv_heads, head_dim] in compute dtype (k after rope)
+    k, v:      [num_layers, B, num_kv_heads, max_len, head_dim] in compute dtype (k after rope);
+               heads-major, so decode reads each (row, kv head)'s keys as one contiguous block
     slot_mask: [B, max_len] bool, True where a slot holds a real (non-pad) token
     index:     int32 scalar, next slot to write (same for the whole batch)
     """
@@ -216,7 +217,7 @@ class KVCache(NamedTuple):
 def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
     """Empty cache for ``batch`` rows and ``max_len`` slots (prompt + generated tokens)."""
     dtype = config.compute_jnp_dtype if dtype is None else dtype
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
@@ -407,7 +408,7 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
         index = cache.index.astype(jnp.int32)
         slot_mask = jax.lax.dynamic_update_slice(cache.slot_mask, mask, (0, index))
         q_slots = index + jnp.arange(T, dtype=jnp.int32)
-        kv_slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
+        kv_slots = jnp.arange(cache.k.shape[3], dtype=jnp.int32)
         full_mask, sliding_mask = L.make_attention_masks(q_slots, kv_slots, slot_mask, c.sliding_window)
     if full_mask.ndim == 2:
         full_mask = jnp.broadcast_to(full_mask[None], (B,) + full_mask.shape)
@@ -456,21 +457,22 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
             # this layer's cache slice comes in as a scanned input and only the new
             # tokens' k / v go out; the full cache is written once, after the scan, in place
             zero = jnp.zeros((), jnp.int32)
-            k_new, v_new = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-            k_all = jax.lax.dynamic_update_slice(x["k"], k_new, (zero, index, zero, zero)).astype(cd)
-            v_all = jax.lax.dynamic_update_slice(x["v"], v_new, (zero, index, zero, zero)).astype(cd)
-        else:
-            k_all, v_all = k, v
+            k_new, v_new = k.astype(cache.k.dtype), v.astype(cache.v.dtype)  # [B, T, K, Dh]
+            kv_out = (k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3))  # the cache's [B, K, T, Dh]
         if all_sliding:
             m = sliding_mask
         elif any_sliding:
             m = jnp.where(is_sliding, sliding_mask, full_mask)
         else:
             m = full_mask
-        if cache is not None and T <= L.CACHED_ATTENTION_MAX_QUERIES:  # decode: reads the cache slice as is
+        if cache is None:
+            o = L.attention(q, k, v, m, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap)
+        elif T <= L.CACHED_ATTENTION_MAX_QUERIES:  # decode: reads the cache slice as is
             o = L.cached_attention(q, x["k"].astype(cd), x["v"].astype(cd), k_new.astype(cd), v_new.astype(cd), m,
                                    index, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap)
-        else:
+        else:  # a long chunk (prefill): written into this layer's cache slice, then attention over every slot
+            k_all, v_all = (jax.lax.dynamic_update_slice(x[n], new, (zero, zero, index, zero)).transpose(0, 2, 1, 3)
+                            .astype(cd) for n, new in zip("kv", kv_out))
             o = L.attention(q, k_all, v_all, m, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap)
         o = jnp.einsum("bthk,hkd->btd", o, p["wo"])
         if c.o_bias:
@@ -484,7 +486,7 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
         if c.post_norms:
             f = norm(f, p["post_mlp_norm"])
         h = rows(h + f)
-        return h, ((k_new, v_new) if cache is not None else None)
+        return h, (kv_out if cache is not None else None)
 
     if c.remat_policy != "none":
         body = jax.checkpoint(body, policy=_remat_policy(c.remat_policy), prevent_cse=False)
@@ -497,7 +499,7 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
     new_cache = None
     if cache is not None:
         zero = jnp.zeros((), jnp.int32)
-        start = (zero, zero, index, zero, zero)
+        start = (zero, zero, zero, index, zero)
         new_cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, new_kv[0], start),
                             v=jax.lax.dynamic_update_slice(cache.v, new_kv[1], start),
                             slot_mask=slot_mask, index=index + T)
