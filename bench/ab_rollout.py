@@ -19,6 +19,11 @@ import statistics
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.peers.common import WORKLOADS  # noqa: E402
+
+WORKLOAD_NAMES = list(WORKLOADS)
+
 CHILD = r"""
 import functools, os, sys, time
 repo, name, prompts, group = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -55,7 +60,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="checkout to compare against (e.g. a git worktree of HEAD)")
     ap.add_argument("--new", default=".", help="checkout with the change (default: this one)")
-    ap.add_argument("--workload", default="small", help="tiny | small | smollm2 (bench/peers/common.py)")
+    ap.add_argument("--workload", default="small", choices=WORKLOAD_NAMES, help="bench/peers/common.py's workloads")
     ap.add_argument("--prompts", type=int, default=0, help="override the workload's prompts")
     ap.add_argument("--group", type=int, default=0, help="override the workload's G")
     ap.add_argument("--rounds", type=int, default=8)

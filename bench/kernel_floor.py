@@ -35,9 +35,9 @@ PHASES = ("rollout", "update", "reference")
 MEASURED_PHASE = {"rollout": "rollout", "update": "update", "reference": "logps"}
 
 
-def kernel_floor(w: common.Workload, peak_flops_per_s: float, seconds_of: dict) -> dict:
-    """Per phase: FLOPs, the floor at the square product's rate, and the floor at each shape's own rate."""
-    plan = common.floor_matmuls(w)
+def kernel_floor(plan: dict, peak_flops_per_s: float, seconds_of: dict) -> dict:
+    """Per phase of a `common.floor_matmuls` plan: FLOPs, the floor at the square product's rate, and the
+    floor at each shape's own rate."""
     out = {}
     for phase in PHASES:
         matmuls, attention = plan["matmuls"][phase], plan["attention"][phase]
@@ -49,8 +49,11 @@ def kernel_floor(w: common.Workload, peak_flops_per_s: float, seconds_of: dict) 
 
 def measured_splits(path: str) -> dict:
     """{workload: split_s} for grpo_jax from a bench/grpo_step.py or bench/compare.py JSON."""
-    with open(path) as f:
-        doc = json.load(f)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--measured {path}: cannot read it as JSON ({e})") from None
     ours = doc["runs"].get("grpo_jax") if "runs" in doc else doc  # compare.py keeps each side's document
     if not ours or ours.get("framework") != "grpo_jax":
         raise SystemExit(f"{path}: no grpo_jax results in it")
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
 
     peak = matmul_flops_per_s()
     workloads = common.select(args.workload)
-    shapes = sorted({s for w in workloads for p in PHASES for s in common.floor_matmuls(w)["matmuls"][p]})
+    plans = {w.name: common.floor_matmuls(w) for w in workloads}
+    shapes = sorted({s for plan in plans.values() for p in PHASES for s in plan["matmuls"][p]})
     rates = {tuple(int(d) for d in r["shape"].split("x")): r for r in matmul_shape_rates(shapes)}
     seconds_of = {shape: r["ms"] / 1e3 for shape, r in rates.items()}
 
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
     print(f"\n{'workload':<9}{'phase':<10}{'GFLOP':>9}{'floor s':>10}{'kernel s':>10}{'kernel/floor':>13}"
           + (f"{'measured s':>12}{'x floor':>9}{'x kernel':>9}" if measured else ""))
     for w in workloads:
-        floors = kernel_floor(w, peak, seconds_of)
+        floors = kernel_floor(plans[w.name], peak, seconds_of)
         for phase, f in floors.items():
             if not f["gflop"]:
                 continue

@@ -80,6 +80,9 @@ SEED = 0
 def select(name: str) -> list[Workload]:
     if name == "all":
         return list(WORKLOADS.values())
+    unknown = [n for n in name.split(",") if n not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"unknown workload {', '.join(unknown)}; choose from {', '.join(WORKLOADS)} or all")
     return [WORKLOADS[n] for n in name.split(",")]
 
 
