@@ -13,11 +13,12 @@ import dataclasses
 import difflib
 import inspect
 import os
+import re
 import textwrap
 import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 from omegaconf import OmegaConf
@@ -41,7 +42,23 @@ class ModelConfig:
     compute_dtype: DType = "float32"
     """dtype of matmuls and activations; log-probs and losses are always float32."""
     remat: Literal["none", "full", "dots_saveable", "nothing_saveable"] = "none"
-    """Gradient checkpointing policy of each decoder layer ("none" keeps all activations)."""
+    """Gradient checkpointing policy of each decoder layer ("none" keeps all activations; "full" keeps
+    only each layer's input, the residual stream, and recomputes the rest in the backward pass)."""
+    attention_impl: Literal["auto", "dense", "blockwise", "splash", "cudnn"] = "auto"
+    """Attention backend: dense ([T, T] scores), blockwise (flash-style, O(T) memory, any backend),
+    splash (Pallas TPU kernel), cudnn (GPU); auto: splash on TPU, cudnn on GPU where it applies,
+    blockwise otherwise; on CPU dense up to 2048 keys. A backend that cannot run a call falls back
+    to blockwise and logs why."""
+    attention_block_q: int = 512
+    """Query block of the blockwise and splash backends."""
+    attention_block_kv: int = 512
+    """Key / value block of the blockwise and splash backends."""
+
+    def decoder_overrides(self) -> dict:
+        """The TransformerConfig fields this section sets on a loaded model (dtypes, remat, attention)."""
+        return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, remat_policy=self.remat,
+                    attention_impl=self.attention_impl, attention_block_q=self.attention_block_q,
+                    attention_block_kv=self.attention_block_kv)
 
 
 @dataclass(frozen=True)
@@ -87,7 +104,12 @@ class GRPOConfig:
     num_iterations: int = 1
     """mu: optimisation passes over each generation batch (>1 makes the ratio differ from 1)."""
     num_minibatches: int = 1
-    """Split each generation batch into this many minibatches per pass."""
+    """Split each generation batch into this many minibatches per pass (one optimizer update each)."""
+    micro_batch_size: Union[int, str] = 0
+    """Rows (completions, over the whole mesh) per forward/backward pass: each update's gradients are
+    accumulated over minibatch / micro_batch_size passes, and the reference / old log-prob passes run
+    in pieces this size, which bounds activation memory. 0: the whole minibatch at once; "auto": the
+    largest that fits the device, found by compiling candidates at start-up (as `plan` reports)."""
     mask_truncated_completions: bool = False
     """Exclude completions that hit max_completion_length without a stop token from the loss (DAPO)."""
     filter_zero_std_groups: bool = False
@@ -258,6 +280,9 @@ class RunConfig:
     """Held-out prompts scored per evaluation (greedy, one completion each)."""
     max_skipped_updates: int = 3
     """Stop after this many steps in a row with a non-finite loss or gradient."""
+    sized_for: tuple[str, ...] = ()
+    """Hardware this config is sized to fit, e.g. [h100x1, v5e-8] (KINDxN GPUs or KIND-N TPU chips);
+    `python -m launch plan --config C --target sized_for` checks each, and the test suite does too."""
 
 
 @dataclass(frozen=True)
@@ -485,6 +510,14 @@ def validate(cfg: Config) -> None:
          f"data.batch_size x rollout.group_size = {d.batch_size * r.group_size} completions do not split into "
          f"grpo.num_minibatches={g.num_minibatches} equal minibatches")
     need(d.batch_size >= 1, "data.batch_size must be >= 1")
+    need(cfg.model.attention_block_q >= 1 and cfg.model.attention_block_kv >= 1,
+         "model.attention_block_q and model.attention_block_kv must be >= 1")
+    mb, minibatch = g.micro_batch_size, d.batch_size * r.group_size // max(g.num_minibatches, 1)
+    need(mb == "auto" or (isinstance(mb, int) and mb >= 0),
+         f"grpo.micro_batch_size={mb!r} must be a number of rows >= 0 (0: the whole minibatch) or auto")
+    need(not isinstance(mb, int) or mb == 0 or minibatch % mb == 0,
+         f"grpo.micro_batch_size={mb} does not divide a minibatch of {minibatch} rows (data.batch_size x "
+         f"rollout.group_size / grpo.num_minibatches); use a divisor, 0 or auto")
     need(o.learning_rate >= 0, "optim.learning_rate must be >= 0")
     need(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     need(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be > 0 or null")
@@ -500,6 +533,9 @@ def validate(cfg: Config) -> None:
     need(cfg.run.steps >= 0, "run.steps must be >= 0")
     need(cfg.run.eval_max_examples >= 1, "run.eval_max_examples must be >= 1")
     need(cfg.run.max_skipped_updates >= 1, "run.max_skipped_updates must be >= 1")
+    for target in cfg.run.sized_for:
+        need(bool(re.fullmatch(r"[a-z0-9-]+?(x|-)\d+", target.strip().lower())),
+             f"run.sized_for: {target!r} is not a target name like h100x1 or v5e-8")
     need(cfg.checkpoint.every_steps >= 0 and cfg.checkpoint.keep >= 1, "checkpoint.every_steps must be >= 0 and checkpoint.keep >= 1")
     need(cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1")
     need(cfg.sft.steps >= 0 and cfg.sft.batch_size >= 1 and cfg.sft.max_completion_length >= 1,

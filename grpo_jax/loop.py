@@ -36,6 +36,7 @@ from grpo_jax.models import transformer as tf
 from grpo_jax.models.hf import load_converted, load_hf, load_tokenizer
 from grpo_jax.objective import group_advantages
 from grpo_jax.optim import make_optimizer
+from grpo_jax.planner import resolve_auto_micro_batch
 from grpo_jax.rewards import RewardError, RewardSet
 from grpo_jax.rewards.compute import RewardResult
 from grpo_jax.rollout import Rollout, SamplingParams, bucket_length, generate_rows, pad_prompts_left
@@ -68,11 +69,11 @@ def load_policy(cfg: Config, mesh: jax.sharding.Mesh) -> Policy:
     path = Path(os.path.expanduser(m.path))
     if (path / "model_config.json").exists():
         model, config = load_converted(path, shardings=shardings)
-        config = config.replace(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat)
+        config = config.replace(**m.decoder_overrides())
         tokenizer_src = m.tokenizer or (path / "tokenizer")
     else:
-        model, config = load_hf(m.path, dtype=m.param_dtype, shardings=shardings, compute_dtype=m.compute_dtype,
-                                remat_policy=m.remat)
+        overrides = m.decoder_overrides()
+        model, config = load_hf(m.path, dtype=overrides.pop("param_dtype"), shardings=shardings, **overrides)
         tokenizer_src = m.tokenizer or m.path
     tokenizer = load_tokenizer(tokenizer_src, config)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -210,6 +211,11 @@ class Run(Generation):
         if jax.process_index() == 0:
             announce_config(cfg, show=show_config)
         super().__init__(cfg)
+        if cfg.grpo.micro_batch_size == "auto":  # compiled against this run's devices, before the steps are built
+            cfg, line = resolve_auto_micro_batch(cfg, self.policy.config, self.mesh)
+            self.cfg = cfg
+            if self.is_main:
+                print(line, flush=True)
         updates = max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
         self.optimizer = make_optimizer(cfg.optim, updates)
         self.train_data = load_dataset(cfg.data, cfg.data.split, cfg.run.seed)

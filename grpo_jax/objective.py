@@ -7,13 +7,24 @@ The loss follows TRL's `GRPOTrainer` term for term, so numbers can be compared.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 SCALES = ("group", "batch", "none", "rloo")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+class StepTotals(NamedTuple):
+    """Counts over a whole optimizer update, for a loss computed one micro-batch at a time.
+
+    With them every loss type and metric of a micro-batch is its share of the whole
+    update's value (the shares add up), so gradient accumulation equals the one-shot step.
+    """
+
+    sequences: Any  # completions in the update (a Python int or int scalar)
+    tokens: jax.Array  # completion tokens in the update (mask sum), float32 scalar
 
 
 def group_advantages(rewards: jax.Array, group_size: int, scale: str = "group", eps: float = 1e-4) -> jax.Array:
@@ -141,6 +152,7 @@ def policy_loss(
     *,
     num_items_in_batch: Optional[jax.Array] = None,
     max_completion_length: Optional[int] = None,
+    totals: Optional[StepTotals] = None,
     logits: Optional[jax.Array] = None,
     entropy: Optional[jax.Array] = None,
 ):
@@ -159,9 +171,11 @@ def policy_loss(
       dr_grpo: sum over tokens / (B * max_completion_length)  (default: N)
       dapo:    sum over tokens / num_items_in_batch, the tokens of one optimizer
                step across its micro-batches and processes (default: this batch)
-    The trainer makes one optimizer update per minibatch, so it leaves
-    num_items_in_batch at its default; a caller accumulating gradients over
-    micro-batches passes the token count of the whole accumulation window.
+    totals: the sequence and token counts of the whole optimizer update when this batch
+    is one of its micro-batches (gradient accumulation): the loss and every metric are
+    then this micro-batch's share, normalised by the update's counts, so summing the
+    micro-batches' values gives exactly the one-shot loss, gradient and metrics
+    (TRL's `num_items_in_batch`; dapo uses num_items_in_batch when given, else totals.tokens).
 
     Entropy metrics come from `entropy` [B, N] or, failing that, `logits` [B, N, V].
     Padded tokens (mask 0) never reach the loss or its gradient, even if their
@@ -205,19 +219,22 @@ def policy_loss(
     per_token = jnp.where(mask, per_token, 0.0)
     total = jnp.sum(per_token)
     num_tokens = jnp.sum(fmask)
+    # the update's counts: this batch's own, or (micro-batches) the whole update's
+    step_sequences = mask.shape[0] if totals is None else totals.sequences
+    step_tokens = jnp.maximum(num_tokens if totals is None else jnp.asarray(totals.tokens, dtype), 1.0)
     if cfg.loss_type == "grpo":
-        loss = jnp.mean(jnp.sum(per_token, axis=-1) / jnp.maximum(tokens_per_seq, 1.0))
+        loss = jnp.sum(jnp.sum(per_token, axis=-1) / jnp.maximum(tokens_per_seq, 1.0)) / step_sequences
     elif cfg.loss_type == "bnpo":
-        loss = total / jnp.maximum(num_tokens, 1.0)
+        loss = total / step_tokens
     elif cfg.loss_type == "dr_grpo":
         n = mask.shape[-1] if max_completion_length is None else max_completion_length
-        loss = total / (mask.shape[0] * n)
+        loss = total / (step_sequences * n)
     else:
-        denom = num_tokens if num_items_in_batch is None else jnp.asarray(num_items_in_batch, dtype)
+        denom = step_tokens if num_items_in_batch is None else jnp.asarray(num_items_in_batch, dtype)
         loss = total / jnp.maximum(denom, 1.0)
 
     def token_mean(x):
-        return jnp.sum(jnp.where(mask, jnp.broadcast_to(x, mask.shape).astype(dtype), 0.0)) / jnp.maximum(num_tokens, 1.0)
+        return jnp.sum(jnp.where(mask, jnp.broadcast_to(x, mask.shape).astype(dtype), 0.0)) / step_tokens
 
     low = (ratio < 1.0 - eps_low) & (adv < 0)
     high = (ratio > 1.0 + eps_high) & (adv > 0)

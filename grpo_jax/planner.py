@@ -19,6 +19,7 @@ compiler's numbers; the resident bytes (params, optimizer, reference) are exact.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -26,7 +27,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +102,7 @@ def model_config_for(cfg: Config, preset: Optional[str] = None) -> tuple[tf.Tran
     from grpo_jax.models.hf import config_from_hf
 
     m = cfg.model
-    overrides = dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat)
+    overrides = m.decoder_overrides()
     if preset is not None:
         name = preset_name(preset)
         if name is None:
@@ -126,11 +127,29 @@ def model_config_for(cfg: Config, preset: Optional[str] = None) -> tuple[tf.Tran
 DEVICE_MEMORY_GIB = {
     "v2": 8, "v3": 16, "v4": 32, "v5e": 16, "v5p": 95, "v6e": 32,
     "h100": 80, "h200": 141, "a100-40gb": 40, "a100": 80, "l4": 24, "b200": 180,
+    "cpu": 24,  # host RAM of a 24 GB machine such as CI's, for the CPU-sized configs
 }
 _KIND_ALIASES = (("v5 lite", "v5e"), ("v5litepod", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"), ("tpu v5", "v5p"),
                  ("v6 lite", "v6e"), ("v6e", "v6e"), ("tpu v4", "v4"), ("tpu v3", "v3"), ("tpu v2", "v2"),
                  ("h200", "h200"), ("h100", "h100"), ("a100-sxm4-40gb", "a100-40gb"), ("a100 40gb", "a100-40gb"),
                  ("a100", "a100"), ("l4", "l4"), ("b200", "b200"))
+
+
+class Target(NamedTuple):
+    """A named piece of hardware a config is sized for (run.sized_for): e.g. "h100x1", "v5e-8"."""
+
+    name: str
+    kind: str  # a DEVICE_MEMORY_GIB key
+    devices: int
+
+
+def parse_target(name: str) -> Target:
+    """ "h100x1" / "h100x8" (GPUs: kind x count) or "v5e-8" / "v5p-64" (TPU slices: kind-chips) -> Target."""
+    match = re.fullmatch(r"([a-z0-9-]+?)(?:x|-)(\d+)", name.strip().lower())
+    if not match or match.group(1) not in DEVICE_MEMORY_GIB or int(match.group(2)) < 1:
+        raise ValueError(f"unknown target {name!r}: expected KINDxN (e.g. h100x1) or KIND-N (e.g. v5e-8) with "
+                         f"KIND one of {', '.join(DEVICE_MEMORY_GIB)}")
+    return Target(name, match.group(1), int(match.group(2)))
 
 
 def device_kind_key(kind: str) -> Optional[str]:
@@ -276,35 +295,161 @@ def _rollout_program(model_config, cfg: Config, params, mesh):
     forward = functools.partial(tf.apply, model_config)
     init_cache = functools.partial(tf.init_cache, model_config)
     fn = functools.partial(_generate_jit, forward, init_cache)
-    jitted = jax.jit(lambda p, ids, mask, keys: fn(p, ids, mask, keys, sp, G, True, 1))
+    jitted = jax.jit(lambda p, ids, mask, keys: fn(p, ids, mask, keys, sp, G, True, 1, mesh))
     return jitted, (params, arr((B, P), jnp.int32), arr((B, P), jnp.bool_), arr((B * G, 2), jnp.uint32))
+
+
+FIT_FRACTION = 0.85  # a program "fits" at or below this share of device memory (headroom for fragmentation)
+
+
+def planned_attention(model_config: tf.TransformerConfig, platform: str) -> tf.TransformerConfig:
+    """The attention backend to compile with. Planned on CPU for a TPU / GPU target, `auto`, `splash` and
+    `cudnn` compile as `blockwise`: the accelerator kernels cannot compile for CPU, and blockwise holds the
+    same O(T) working set (no [T, S] scores), so its memory stands in for theirs."""
+    if platform == "cpu" and model_config.attention_impl in ("auto", "splash", "cudnn"):
+        return model_config.replace(attention_impl="blockwise")
+    return model_config
+
+
+def with_completion_length(cfg: Config, length: int) -> Config:
+    """cfg with rollout.max_completion_length = length (for `plan --completion-lengths` sweeps)."""
+    return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_completion_length=length))
+
+
+def micro_batch_candidates(cfg: Config, mesh) -> list[int]:
+    """Micro-batch sizes an update can run at, ascending: divisors of the minibatch rows that split
+    evenly over the mesh's data x fsdp devices (each device then holds a share of every micro-batch)."""
+    minibatch = cfg.data.batch_size * cfg.rollout.group_size // cfg.grpo.num_minibatches
+    dp = shd.data_parallel_size(mesh)
+    return [m for m in range(1, minibatch + 1) if minibatch % m == 0 and (m % dp == 0 or m == minibatch)]
+
+
+def with_micro_batch(cfg: Config, size: int) -> Config:
+    """cfg with grpo.micro_batch_size = size (0 when size is the whole minibatch: no accumulation)."""
+    minibatch = cfg.data.batch_size * cfg.rollout.group_size // cfg.grpo.num_minibatches
+    return dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, micro_batch_size=0 if size >= minibatch
+                                                             else size))
+
+
+class _Abstract:
+    """The abstract train state of a plan, built once and shared by every program compiled for it."""
+
+    def __init__(self, model_config: tf.TransformerConfig, cfg: Config, mesh):
+        self.model_config, self.cfg, self.mesh = model_config, cfg, mesh
+        self.state, self.state_shardings, self.optimizer, _ = abstract_train_state(model_config, cfg, mesh)
+        self.resident = bytes_per_device(self.state)
+
+    def step_programs(self, cfg: Config, which=("logps", "update")) -> dict:
+        """Compiled stats of the log-prob and update programs of cfg (its micro-batch size)."""
+        from grpo_jax.trainer import is_on_policy, make_steps
+
+        steps = make_steps(functools.partial(tf.apply, self.model_config), self.optimizer, cfg, self.state_shardings)
+        rows = cfg.data.batch_size * cfg.rollout.group_size
+        with_ref, with_old = cfg.grpo.beta != 0, not is_on_policy(cfg)
+        out = {}
+        if "logps" in which and (with_ref or with_old):
+            batch = abstract_batch(cfg, self.mesh, rows, False, False)
+            out["logps"] = _with_peak(compile_stats(steps[0], self.state, batch), self.resident,
+                                      bytes_per_device(batch))
+        if "update" in which:
+            mb = abstract_batch(cfg, self.mesh, rows // cfg.grpo.num_minibatches, with_old, with_ref)
+            out["update"] = _with_peak(compile_stats(steps[1], self.state, mb), self.resident, bytes_per_device(mb))
+        return out
+
+
+def fit_micro_batch(cfg: Config, model_config: tf.TransformerConfig, mesh, device_memory: int,
+                    progress: Callable[[str], None] = lambda _: None, abstract: Optional[_Abstract] = None) -> dict:
+    """The largest micro-batch whose log-prob and update programs fit `device_memory` (FIT_FRACTION of it).
+
+    Compiles the whole minibatch first, then candidates (`micro_batch_candidates`) in a binary search,
+    assuming a smaller micro-batch never needs more memory. Returns {"size": rows or None when even the smallest does not fit,
+    "tried": {size: peak bytes}, "programs": the chosen size's compiled stats}.
+    """
+    abstract = abstract or _Abstract(model_config, cfg, mesh)
+    candidates = micro_batch_candidates(cfg, mesh)
+    limit = FIT_FRACTION * device_memory
+    tried, compiled = {}, {}
+
+    def fits(index: int) -> bool:
+        size = candidates[index]
+        progress(f"compiling log-probs and update at micro-batch {size}")
+        compiled[size] = abstract.step_programs(with_micro_batch(cfg, size))
+        tried[size] = max(p["peak"] for p in compiled[size].values())
+        return tried[size] <= limit
+
+    best = None
+    if fits(len(candidates) - 1):  # the whole minibatch at once: the common case, one compile
+        best = candidates[-1]
+    else:
+        lo, hi = 0, len(candidates) - 2
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                best, lo = candidates[mid], mid + 1
+            else:
+                hi = mid - 1
+    return {"size": best, "tried": dict(sorted(tried.items())), "programs": compiled.get(best)}
+
+
+def resolve_auto_micro_batch(cfg: Config, model_config: tf.TransformerConfig, mesh) -> tuple[Config, str]:
+    """grpo.micro_batch_size=auto -> a number, on the devices the run has: (cfg, the line to log).
+
+    On an accelerator, the largest micro-batch whose programs fit its memory (`fit_micro_batch`,
+    compiled against the real devices' compiler). On CPU there is no device limit to fit: the
+    whole minibatch runs at once.
+    """
+    minibatch = cfg.data.batch_size * cfg.rollout.group_size // cfg.grpo.num_minibatches
+    device = mesh.devices.flat[0]
+    memory = device_memory_bytes(device)
+    if memory is None:
+        return (with_micro_batch(cfg, minibatch),
+                f"grpo.micro_batch_size=auto: no device memory limit on {device.platform}; the whole minibatch "
+                f"({minibatch} rows) per forward/backward pass")
+    fit = fit_micro_batch(cfg, model_config, mesh, memory)
+    tried = ", ".join(f"{size}: {_gib(peak)}" for size, peak in fit["tried"].items())
+    if fit["size"] is None:
+        smallest = micro_batch_candidates(cfg, mesh)[0]
+        return (with_micro_batch(cfg, smallest),
+                f"warning: grpo.micro_batch_size=auto: no micro-batch fits {FIT_FRACTION:.0%} of {_gib(memory)} "
+                f"per device (compiled peaks {tried}); trying the smallest, {smallest} rows (see `python -m launch "
+                "plan`: shorten rollout.max_completion_length, use model.remat=full or a larger mesh.fsdp)")
+    return (with_micro_batch(cfg, fit["size"]),
+            f"grpo.micro_batch_size=auto -> {fit['size']} of {minibatch} rows per forward/backward pass (the largest "
+            f"that fits {FIT_FRACTION:.0%} of {_gib(memory)} per device; compiled peaks {tried})")
 
 
 def plan(cfg: Config, model_config: tf.TransformerConfig, mesh, *, programs=("rollout", "logps", "update"),
          device_memory: Optional[int] = None, device_kind: Optional[str] = None,
-         compare_logprobs: bool = False, progress: Callable[[str], None] = lambda _: None) -> dict:
-    """Per-device memory report of one GRPO step of `cfg` on `mesh` (a dict; see format_report)."""
-    from grpo_jax.trainer import is_on_policy, make_steps
+         compare_logprobs: bool = False, search_micro_batch: bool = True,
+         progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Per-device memory report of one GRPO step of `cfg` on `mesh` (a dict; see format_report).
 
-    state, state_shardings, optimizer, _ = abstract_train_state(model_config, cfg, mesh)
+    grpo.micro_batch_size=auto (or search_micro_batch, with a device memory) also finds the largest
+    micro-batch that fits; with auto the step programs are reported at that size.
+    """
+    platform = mesh.devices.flat[0].platform
+    model_config = planned_attention(model_config, platform)
+    abstract = _Abstract(model_config, cfg, mesh)
+    state, resident = abstract.state, abstract.resident
     B, G = cfg.data.batch_size, cfg.rollout.group_size
     rows = B * G
     P, N = prompt_width(cfg), cfg.rollout.max_completion_length
     params_b = bytes_per_device(state.params)
     opt_b = bytes_per_device(state.opt_state)
     ref_b = bytes_per_device(state.ref_params) if state.ref_params is not None else 0
-    resident = bytes_per_device(state)
     kv_total, kv_dev = kv_cache_bytes(model_config, rows, P + N, mesh)
+    minibatch = rows // cfg.grpo.num_minibatches
     report: dict[str, Any] = {
         "model": {"num_params": model_config.num_params(), "param_dtype": model_config.param_dtype,
                   "compute_dtype": model_config.compute_dtype, "remat": model_config.remat_policy,
+                  "attention": model_config.attention_impl,
                   "layers": model_config.num_layers, "hidden": model_config.hidden_size,
                   "vocab": model_config.vocab_size},
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "devices": int(mesh.devices.size),
-        "platform": mesh.devices.flat[0].platform,
+        "platform": platform,
         "batch": {"prompts": B, "group_size": G, "rows": rows, "prompt_tokens": P, "completion_tokens": N,
-                  "minibatch_rows": rows // cfg.grpo.num_minibatches},
+                  "minibatch_rows": minibatch},
         "per_device_bytes": {
             "params": params_b, "optimizer_state": opt_b, "grads (in update temp)": params_b,
             "reference_params": ref_b, "kv_cache (in rollout temp)": kv_dev, "resident_state": resident,
@@ -314,23 +459,29 @@ def plan(cfg: Config, model_config: tf.TransformerConfig, mesh, *, programs=("ro
                         "kv_cache": kv_total},
         "programs": {},
     }
-    steps = None
-    if "logps" in programs or "update" in programs:
-        steps = make_steps(functools.partial(tf.apply, model_config), optimizer, cfg, state_shardings)
-    with_ref, with_old = cfg.grpo.beta != 0, not is_on_policy(cfg)
     progs = report["programs"]
     if "rollout" in programs:
         progress("compiling the rollout")
         jitted, args = _rollout_program(model_config, cfg, state.params, mesh)
         progs["rollout"] = _with_peak(compile_stats(jitted, *args), resident, bytes_per_device(args[1:]))
-    if "logps" in programs and (with_ref or with_old):
-        progress("compiling reference / old log-probs")
-        batch = abstract_batch(cfg, mesh, rows, False, False)
-        progs["logps"] = _with_peak(compile_stats(steps[0], state, batch), resident, bytes_per_device(batch))
-    if "update" in programs:
-        progress("compiling the update step")
-        mb = abstract_batch(cfg, mesh, rows // cfg.grpo.num_minibatches, with_old, with_ref)
-        progs["update"] = _with_peak(compile_stats(steps[1], state, mb), resident, bytes_per_device(mb))
+    step_programs = tuple(p for p in programs if p in ("logps", "update"))
+    auto = cfg.grpo.micro_batch_size == "auto"
+    fit = None
+    if step_programs and device_memory and (auto or search_micro_batch):
+        fit = fit_micro_batch(cfg, model_config, mesh, device_memory, progress, abstract)
+        report["micro_batch"] = {"fits": fit["size"], "tried_peaks": fit["tried"], "minibatch_rows": minibatch}
+    if auto:  # the steps run at the size that fits (the smallest candidate when none does)
+        size = fit["size"] if fit and fit["size"] else micro_batch_candidates(cfg, mesh)[0] if fit else minibatch
+        cfg = with_micro_batch(cfg, size)
+        report["micro_batch"] = dict(report.get("micro_batch", {}), auto_resolves_to=size)
+    report["batch"]["micro_batch_rows"] = cfg.grpo.micro_batch_size or minibatch
+    if step_programs:
+        size = report["batch"]["micro_batch_rows"]
+        known = fit["programs"] if fit and fit["size"] == size else None
+        if known is None:
+            progress("compiling reference / old log-probs and the update step")
+            known = abstract.step_programs(cfg, step_programs)
+        progs.update({name: known[name] for name in step_programs if name in known})
     if compare_logprobs:
         progress("compiling log-prob variants")
         report["logprob_variants"] = compare_logprob_variants(model_config, cfg, mesh, state.params)
@@ -341,7 +492,7 @@ def plan(cfg: Config, model_config: tf.TransformerConfig, mesh, *, programs=("ro
     if device_memory:
         frac = peak / device_memory
         report["fits"] = frac <= 1.0
-        report["verdict"] = ("fits" if frac <= 0.85 else "tight" if frac <= 1.0 else "does NOT fit")
+        report["verdict"] = ("fits" if frac <= FIT_FRACTION else "tight" if frac <= 1.0 else "does NOT fit")
         report["verdict_line"] = (f"{report['verdict']}: peak {_gib(peak)} of {_gib(device_memory)} per device "
                                   f"({100 * frac:.0f}%)")
     return report
@@ -436,10 +587,11 @@ def format_report(r: dict) -> str:
     lines = [
         f"model: {r.get('model_source', '')}  {m['num_params'] / 1e9:.3f}B params, {m['layers']} layers, "
         f"hidden {m['hidden']}, vocab {m['vocab']}, param {m['param_dtype']}, compute {m['compute_dtype']}, "
-        f"remat {m['remat']}",
+        f"remat {m['remat']}, attention {m['attention']}",
         f"mesh: {mesh} over {r['devices']} {r['platform']} devices",
         f"batch: {b['prompts']} prompts x G={b['group_size']} = {b['rows']} rows of {b['prompt_tokens']} prompt + "
-        f"{b['completion_tokens']} completion tokens (update minibatch {b['minibatch_rows']} rows)",
+        f"{b['completion_tokens']} completion tokens (update minibatch {b['minibatch_rows']} rows, "
+        f"{b['micro_batch_rows']} per forward/backward pass)",
         "",
         f"{'per device':<28}{'bytes':>14}",
     ]
@@ -452,6 +604,13 @@ def format_report(r: dict) -> str:
             lines.append(f"  {name:<16}{_gib(p['argument']):>11}{_gib(p['other_args']):>11}{_gib(p['output']):>11}"
                          f"{_gib(p['alias']):>11}{_gib(p['temp']):>11}{_gib(p['peak']):>11}{p['compile_s']:>9.1f}s")
         lines.append("  peak = resident state + batch in + (output - aliased) + temp")
+    mb = r.get("micro_batch")
+    if mb and "fits" in mb:
+        tried = ", ".join(f"{size}: {_gib(peak)}" for size, peak in mb["tried_peaks"].items())
+        lines += ["", (f"micro-batch: the largest that fits is {mb['fits']} rows" if mb["fits"] else
+                       "micro-batch: none fits, not even the smallest") + f" (peak per candidate compiled: {tried})"]
+    if mb and "auto_resolves_to" in mb:
+        lines.append(f"  grpo.micro_batch_size=auto resolves to {mb['auto_resolves_to']} rows")
     if r.get("logprob_variants"):
         lines += ["", "log-prob + backward temp per device (issue 9):"]
         for name, p in r["logprob_variants"].items():
@@ -464,6 +623,21 @@ def format_report(r: dict) -> str:
     if r["platform"] == "cpu" and r["programs"]:
         lines.append("note: temp bytes come from the CPU compiler; TPU / GPU fuse differently (run `plan` on the "
                      "accelerator for its own numbers). Resident bytes are exact.")
+    return "\n".join(lines)
+
+
+def format_sweep(reports: list[dict]) -> str:
+    """One row per plan of a --completion-lengths sweep."""
+    first = reports[0]
+    lines = [format_report(first).split("\n\n")[0], "",
+             f"{'completion':>10}{'rollout peak':>15}{'update temp':>14}{'update peak':>14}{'micro':>7}  verdict"]
+    for r in reports:
+        progs = r["programs"]
+        cell = lambda name, key: _gib(progs[name][key]) if name in progs else "-"  # noqa: E731
+        lines.append(f"{r['batch']['completion_tokens']:>10}{cell('rollout', 'peak'):>15}{cell('update', 'temp'):>14}"
+                     f"{cell('update', 'peak'):>14}{r['batch']['micro_batch_rows']:>7}  {r.get('verdict_line', '')}")
+    if first["platform"] == "cpu":
+        lines.append("note: temp bytes come from the CPU compiler; TPU / GPU fuse differently. Resident bytes are exact.")
     return "\n".join(lines)
 
 

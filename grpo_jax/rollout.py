@@ -237,7 +237,7 @@ def generate(
         log.info("compiling rollout: %d prompts x G=%d, prompt bucket %d, %d new tokens (%d rollout programs so far)",
                  ids.shape[0], group_size, length, sampling.max_new_tokens, len(_compiled_shapes))
     return _generate_jit(forward, init_cache, params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), keys,
-                         sampling, group_size, share_prefill, cache_batch_axis)
+                         sampling, group_size, share_prefill, cache_batch_axis, None)
 
 
 def generate_rows(
@@ -274,7 +274,7 @@ def generate_rows(
                  rows // group_size, group_size, width, sampling.max_new_tokens, len(_compiled_shapes))
     program = _rows_program(None if mesh is None else _rollout_shardings(mesh, rows))
     return program(forward, init_cache, params, row_ids, row_mask, keys, sampling, group_size, share_prefill,
-                   cache_batch_axis)
+                   cache_batch_axis, mesh)
 
 
 def _rollout_shardings(mesh: jax.sharding.Mesh, rows: int) -> Rollout:
@@ -285,11 +285,11 @@ def _rollout_shardings(mesh: jax.sharding.Mesh, rows: int) -> Rollout:
 
 @functools.lru_cache(maxsize=None)
 def _rows_program(out_shardings: Optional[Rollout]):
-    def program(forward, init_cache, params, row_ids, row_mask, keys, sp, group_size, share_prefill, axis):
+    def program(forward, init_cache, params, row_ids, row_mask, keys, sp, group_size, share_prefill, axis, mesh):
         ids, mask = row_ids[::group_size].astype(jnp.int32), row_mask[::group_size].astype(jnp.bool_)
-        return _generate_jit(forward, init_cache, params, ids, mask, keys, sp, group_size, share_prefill, axis)
+        return _generate_jit(forward, init_cache, params, ids, mask, keys, sp, group_size, share_prefill, axis, mesh)
 
-    return jax.jit(program, static_argnums=(0, 1, 6, 7, 8, 9), out_shardings=out_shardings)
+    return jax.jit(program, static_argnums=(0, 1, 6, 7, 8, 9, 10), out_shardings=out_shardings)
 
 
 def _is_key_batch(rng, num_rows) -> bool:
@@ -300,22 +300,32 @@ def _is_key_batch(rng, num_rows) -> bool:
     return len(shape) == 2 and shape[0] == num_rows
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 6, 7, 8, 9))
+def _pin_cache(cache, mesh: Optional[jax.sharding.Mesh], batch_axis: int):
+    """The cache's rows split over the mesh (sharding.cache_sharding); without it XLA may keep a
+    whole copy of the cache on every device. Identity without a mesh."""
+    if mesh is None:
+        return cache
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding.cache_sharding(x, mesh, batch_axis)),
+                        cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 6, 7, 8, 9, 10))
 def _generate_jit(forward, init_cache, params, ids, mask, keys, sp: SamplingParams, group_size: int,
-                  share_prefill: bool, cache_batch_axis: int) -> Rollout:
+                  share_prefill: bool, cache_batch_axis: int, mesh: Optional[jax.sharding.Mesh] = None) -> Rollout:
     num_prompts, prompt_len = ids.shape
     rows = num_prompts * group_size
     steps = sp.max_new_tokens
     positions = positions_from_mask(mask)
+    pin = functools.partial(_pin_cache, mesh=mesh, batch_axis=cache_batch_axis)
 
     if share_prefill:
-        cache = init_cache(num_prompts, prompt_len + steps)
+        cache = pin(init_cache(num_prompts, prompt_len + steps))
         logits, cache = forward(params, ids, positions, mask, cache)
-        cache = repeat_batch(cache, group_size, cache_batch_axis)
+        cache = pin(repeat_batch(cache, group_size, cache_batch_axis))
         last_logits = jnp.repeat(logits[:, -1], group_size, axis=0)
     else:
         rep = lambda x: jnp.repeat(x, group_size, axis=0)
-        cache = init_cache(rows, prompt_len + steps)
+        cache = pin(init_cache(rows, prompt_len + steps))
         logits, cache = forward(params, rep(ids), rep(positions), rep(mask), cache)
         last_logits = logits[:, -1]
     next_pos = jnp.repeat(positions[:, -1] + 1, group_size)
@@ -336,7 +346,7 @@ def _generate_jit(forward, init_cache, params, ids, mask, keys, sp: SamplingPara
         logps = jax.lax.dynamic_update_slice(logps, jnp.where(live, logp, 0.0)[:, None], (0, t))
         done = done | jnp.isin(token, stop_ids)
         logits, cache = forward(params, token[:, None], pos[:, None], jnp.ones((rows, 1), bool), cache)
-        return t + 1, logits[:, -1], cache, pos + 1, done, tokens, out_mask, logps
+        return t + 1, logits[:, -1], pin(cache), pos + 1, done, tokens, out_mask, logps
 
     state = (
         jnp.int32(0),

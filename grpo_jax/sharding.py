@@ -118,3 +118,23 @@ def rows_sharding(x, mesh: Mesh) -> NamedSharding:
 def shard_rows(tree, mesh: Mesh):
     """device_put every array of a host batch with its rows split over the data axes."""
     return jax.tree.map(lambda x: jax.device_put(x, rows_sharding(x, mesh)), tree)
+
+
+def cache_sharding(x, mesh: Mesh, batch_axis: int = 1) -> NamedSharding:
+    """Where a leaf of a rollout's KV cache lives: its batch axis split over data x fsdp, and for the
+    decoder's [layers, B, kv_heads, slots, head_dim] arrays the kv heads over tensor (each when it divides).
+
+    Leaves with more than batch_axis + 1 dims carry the batch at batch_axis, smaller ones (a slot
+    mask [B, S]) first, as `rollout.repeat_batch` reads them; scalars are replicated.
+    """
+    ndim = getattr(x, "ndim", 0)
+    if ndim == 0:
+        return replicated(mesh)
+    axis = batch_axis if ndim > batch_axis + 1 else 0
+    spec: list = [None] * ndim
+    if x.shape[axis] % data_parallel_size(mesh) == 0:
+        spec[axis] = BATCH
+    tensor = mesh.shape["tensor"]
+    if ndim == 5 and tensor > 1 and x.shape[axis + 1] % tensor == 0:
+        spec[axis + 1] = "tensor"
+    return NamedSharding(mesh, PartitionSpec(*spec))

@@ -6,6 +6,10 @@ One GRPO step, on device:
      the update (old_logp); both without gradients.
   2. `num_iterations` passes over `num_minibatches` minibatches, one optimizer
      update each (`update_step`), minimising `policy_loss`.
+With `grpo.micro_batch_size` both run `micro_batch_size` rows at a time: the
+log-probs piece by piece, the update's gradients summed in float32 over its
+micro-batches under `lax.scan` (gradient accumulation), every loss normalised by
+the whole update's counts (`objective.StepTotals`), so it equals the one-shot step.
 The model enters as `forward(params, tokens, positions, mask, cache=None) -> (logits, cache)`.
 """
 
@@ -20,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from grpo_jax import sharding
 from grpo_jax.config import Config
 from grpo_jax.models import transformer as tf
 from grpo_jax.models.transformer import positions_from_mask, shard_activations
-from grpo_jax.objective import policy_loss, token_logprobs
+from grpo_jax.objective import StepTotals, policy_loss, token_logprobs
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -102,6 +107,30 @@ def is_on_policy(cfg: Config) -> bool:
     return cfg.grpo.num_iterations == 1 and cfg.grpo.num_minibatches == 1
 
 
+def micro_batch_count(cfg: Config, rows: int) -> int:
+    """How many micro-batches `rows` rows run as under grpo.micro_batch_size (1: all at once)."""
+    size = cfg.grpo.micro_batch_size
+    if size == "auto":
+        raise ValueError("grpo.micro_batch_size=auto must be resolved to a number before the steps are built "
+                         "(planner.fit_micro_batch)")
+    if not size or size >= rows:
+        return 1
+    if rows % size:
+        raise ValueError(f"grpo.micro_batch_size={size} does not divide {rows} rows")
+    return rows // size
+
+
+def split_micro_batches(tree, count: int):
+    """Every [R, ...] leaf -> [count, R / count, ...]. Micro-batch i holds rows i, i + count, i + 2 count, ...:
+    strided, so rows split over devices in contiguous blocks give each device its share of every micro-batch."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1), tree)
+
+
+def join_micro_batches(x: jax.Array) -> jax.Array:
+    """The inverse of split_micro_batches for one leaf: [count, R / count, ...] -> [R, ...]."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
 def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: Config, state_shardings=None):
     """The jitted device functions of a GRPO step: (reference_and_old_logps, update_step).
 
@@ -114,27 +143,61 @@ def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: 
     temperature = cfg.rollout.temperature or 1.0
     grpo = cfg.grpo
     mesh = _mesh_of(state_shardings)
+    pin_rows = (lambda tree: tree) if mesh is None else (  # a micro-batch keeps its rows split over the mesh
+        lambda tree: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding.rows_sharding(x, mesh)), tree))
+
+    def logprobs_in_pieces(params, batch: Batch) -> jax.Array:
+        count = micro_batch_count(cfg, batch.advantages.shape[0])
+        if count == 1:
+            return completion_logprobs(forward, params, batch, temperature)
+        pieces = jax.lax.map(lambda micro: completion_logprobs(forward, params, pin_rows(micro), temperature),
+                             split_micro_batches(batch, count))
+        return join_micro_batches(pieces)
 
     @jax.jit
     def reference_and_old_logps(state: TrainState, batch: Batch) -> Batch:
         ref = old = None
         with shard_activations(mesh):
             if grpo.beta != 0:
-                ref = completion_logprobs(forward, state.ref_params, batch, temperature)
+                ref = logprobs_in_pieces(state.ref_params, batch)
             if not is_on_policy(cfg):
-                old = completion_logprobs(forward, state.params, batch, temperature)
+                old = logprobs_in_pieces(state.params, batch)
         return batch._replace(old_logp=old, ref_logp=ref)
 
-    def loss_fn(params, batch: Batch):
-        # Each minibatch is one optimizer update, so "dapo" normalises by this minibatch's
-        # tokens (TRL: the tokens of one optimizer step's gradient-accumulation window).
+    def loss_fn(params, batch: Batch, totals: StepTotals):
+        # Each minibatch is one optimizer update, so "dapo" normalises by this minibatch's tokens
+        # (TRL: the tokens of one optimizer step's gradient-accumulation window), over all its micro-batches.
         with shard_activations(mesh):
             logp = completion_logprobs(forward, params, batch, temperature)
         return policy_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.completion_mask, grpo,
-                           max_completion_length=cfg.rollout.max_completion_length)
+                           max_completion_length=cfg.rollout.max_completion_length, totals=totals)
+
+    def loss_metrics_grads(params, batch: Batch, totals: StepTotals):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, totals)
+        return loss, metrics, grads
+
+    def accumulated_grads(params, minibatch: Batch):
+        """(loss, metrics, grads) of one optimizer update, summed over its micro-batches in float32."""
+        rows = minibatch.advantages.shape[0]
+        totals = StepTotals(sequences=rows, tokens=jnp.sum(minibatch.completion_mask.astype(jnp.float32)))
+        count = micro_batch_count(cfg, rows)
+        if count == 1:
+            return loss_metrics_grads(params, minibatch, totals)
+        micro = split_micro_batches(minibatch, count)
+
+        def add(acc, micro_batch):
+            value = loss_metrics_grads(params, pin_rows(micro_batch), totals)
+            return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, value), None
+
+        shapes = jax.eval_shape(loss_metrics_grads, params, jax.tree.map(lambda x: x[0], micro), totals)
+        loss, metrics, grads = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
+        if state_shardings is not None:  # the float32 sum lives where its params live
+            grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
+        (loss, metrics, grads), _ = jax.lax.scan(add, (loss, metrics, grads), micro)
+        return loss, metrics, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
     def update_step(state: TrainState, minibatch: Batch):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, minibatch)
+        loss, metrics, grads = accumulated_grads(state.params, minibatch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

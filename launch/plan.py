@@ -3,6 +3,9 @@
   python -m launch plan --config configs/demo.yaml --mesh.fsdp=8 --devices 8
   python -m launch plan --config X --model-preset qwen2.5-7b --mesh.fsdp=64 --devices 64 --device-kind v5p
   python -m launch plan --config X --devices 8 --json
+  python -m launch plan --config configs/qwen2.5-0.5b-gsm8k.yaml --target sized_for   (every target it names)
+  python -m launch plan --config X --model-preset qwen2.5-7b --devices 32 --device-kind v5p \
+      --mesh.fsdp=32 --mesh.data=1 --completion-lengths 4096,16384                     (a sweep, one table)
 
 Nothing is allocated: the train state and batches are abstract arrays, and the
 rollout, reference log-prob and update programs are compiled (not run) against
@@ -45,6 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-logprobs", action="store_true",
                         help="also compile the log-prob + backward pass three ways (current, naive full "
                              "log-softmax, hidden-state chunked) and report each one's temp bytes")
+    parser.add_argument("--target", default=None, metavar="NAME",
+                        help="plan for a named target such as h100x1 or v5e-8 (sets --devices and --device-kind), "
+                             "or `sized_for`: every target in the config's run.sized_for, one verdict each")
+    parser.add_argument("--completion-lengths", default=None, metavar="N,N,...",
+                        help="plan once per rollout.max_completion_length and print one row per length")
+    parser.add_argument("--no-micro-batch-search", action="store_true",
+                        help="do not search for the largest micro-batch that fits (fewer compiles); "
+                             "grpo.micro_batch_size=auto still searches")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -52,12 +63,14 @@ def _child_argv(args) -> list[str]:
     argv = []
     if args.config:
         argv += ["--config", args.config]
-    for flag in ("devices", "model_preset", "device_kind", "device_memory_gib", "programs"):
+    for flag in ("devices", "model_preset", "device_kind", "device_memory_gib", "programs", "completion_lengths"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
     if args.compare_logprobs:
         argv.append("--compare-logprobs")
+    if args.no_micro_batch_search:
+        argv.append("--no-micro-batch-search")
     if args.json:
         argv.append("--json")
     return argv + list(args.config_overrides)
@@ -81,6 +94,9 @@ def main(args) -> int:
     unknown = set(programs) - {"rollout", "logps", "update"}
     if unknown:
         raise ValueError(f"--programs: unknown {', '.join(sorted(unknown))}; choose from rollout, logps, update, none")
+    lengths = _lengths(args.completion_lengths)
+    if args.target is not None:
+        return _plan_targets(args, cfg)
 
     import jax
 
@@ -113,11 +129,54 @@ def main(args) -> int:
         memory = planner.DEVICE_MEMORY_GIB[key] * planner.GiB
 
     progress = (lambda _: None) if args.json else (lambda msg: print(f"... {msg}", file=sys.stderr, flush=True))
-    report = planner.plan(cfg, model_config, mesh, programs=programs, device_memory=memory, device_kind=kind,
-                          compare_logprobs=args.compare_logprobs, progress=progress)
-    report["model_source"] = source
-    print(planner.to_json(report) if args.json else planner.format_report(report))
+    reports = []
+    for length in lengths or [None]:
+        run_cfg = cfg if length is None else planner.with_completion_length(cfg, length)
+        if length is not None:
+            progress(f"completion length {length}")
+        report = planner.plan(run_cfg, model_config, mesh, programs=programs, device_memory=memory, device_kind=kind,
+                              compare_logprobs=args.compare_logprobs,
+                              search_micro_batch=not args.no_micro_batch_search and not lengths, progress=progress)
+        report["model_source"] = source
+        reports.append(report)
+    if args.json:
+        print(planner.to_json(reports if lengths else reports[0]))
+    elif lengths:
+        print(planner.format_sweep(reports))
+    else:
+        print(planner.format_report(reports[0]))
     return 0
+
+
+def _lengths(text):
+    if text is None:
+        return None
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--completion-lengths {text!r}: expected numbers separated by commas") from None
+    if not lengths or min(lengths) < 1:
+        raise ValueError("--completion-lengths needs at least one positive length")
+    return lengths
+
+
+def _plan_targets(args, cfg) -> int:
+    """--target: each named target in its own `plan` process (its own fake device count); one verdict line each."""
+    from grpo_jax import planner
+
+    names = list(cfg.run.sized_for) if args.target == "sized_for" else [args.target]
+    if not names:
+        raise ValueError("--target sized_for: the config names no targets in run.sized_for")
+    targets = [planner.parse_target(name) for name in names]
+    worst = 0
+    for target in targets:
+        child = argparse.Namespace(**{**vars(args), "target": None, "devices": target.devices,
+                                      "device_kind": target.kind})
+        if not args.json:
+            print(f"== target {target.name}: {target.devices} x {target.kind}", flush=True)
+        code = _reexec_on_fake_devices(child, target.devices)
+        worst = max(worst, code)
+    return worst
 
 
 def _standalone(argv=None) -> int:

@@ -25,7 +25,7 @@ from grpo_jax.models import (
     positions_from_mask,
     unembedding,
 )
-from grpo_jax.models.layers import CACHED_ATTENTION_MAX_QUERIES
+from grpo_jax.models.attention import CACHED_ATTENTION_MAX_QUERIES
 
 LOGICAL_NAMES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm"}
 

@@ -46,7 +46,7 @@ def test_plan_on_fake_devices_shrinks_with_fsdp(tiny_model):
     assert r8["devices"] == 8 and r8["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert r2["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
     assert r8["batch"] == {"prompts": 4, "group_size": 4, "rows": 16, "prompt_tokens": 32, "completion_tokens": 16,
-                           "minibatch_rows": 16}
+                           "minibatch_rows": 16, "micro_batch_rows": 16}
     for r in (r2, r8):
         assert all(v > 0 for v in r["per_device_bytes"].values()), r["per_device_bytes"]
         assert set(r["programs"]) == {"rollout", "logps", "update"}  # beta > 0 in the defaults: logps compiled

@@ -1,4 +1,4 @@
-"""Pure building blocks of the decoder: norms, rotary embeddings, attention, gated MLP.
+"""Pure building blocks of the decoder: norms, rotary embeddings, gated MLP (attention: attention.py).
 
 Everything here is a pure function of arrays (no module state), so the decoder in
 ``transformer.py`` can call them inside ``jax.lax.scan`` over stacked layer params.
@@ -15,11 +15,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-
-# A large negative, finite number: fully masked rows (pad queries) give a uniform
-# softmax instead of NaNs, so gradients stay finite.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 
 # ----------------------------------------------------------------------------- norms
 
@@ -92,122 +87,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     sin = sin[:, :, None, :].astype(dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-# ----------------------------------------------------------------------------- attention
-
-
-def softcap(x: jax.Array, cap: float | None) -> jax.Array:
-    if cap is None or cap <= 0:
-        return x
-    return jnp.tanh(x / cap) * cap
-
-
-def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    mask: jax.Array,
-    *,
-    scale: float,
-    logit_softcap: float | None = None,
-) -> jax.Array:
-    """Grouped-query attention without materialising repeated K/V.
-
-    q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] bool (True = attend).
-    Scores, mask and softmax are float32; returns [B, T, H, Dh] in q's dtype.
-    """
-    b, t, h, dh = q.shape
-    kv_heads = k.shape[2]
-    g = h // kv_heads
-    qg = q.reshape(b, t, kv_heads, g, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(scale)
-    scores = softcap(scores, logit_softcap)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, dh).astype(q.dtype)
-
-
-# Query counts up to this take `cached_attention` when a KV cache is used (decode,
-# speculative or short chunks); longer calls (prefill) write the cache first and use `attention`.
-CACHED_ATTENTION_MAX_QUERIES = 16
-
-
-def cached_attention(
-    q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
-    mask: jax.Array,
-    index: jax.Array,
-    *,
-    scale: float,
-    logit_softcap: float | None = None,
-) -> jax.Array:
-    """`attention` of T new queries over a cache that does not hold their keys yet, plus those keys.
-
-    q [B, T, H, Dh]; k_cache/v_cache [B, K, S, Dh] (this layer's cache, heads-major, slots
-    [index, index + T) not written yet); k_new/v_new [B, T, K, Dh]; mask [B, T, S]
-    as for `attention` over the written cache. Same result as writing the new
-    keys at `index` and calling `attention`, without copying the cache to do so.
-
-    Built for decode on XLA:CPU. The two products over the cache are broadcast
-    multiplies reduced over Dh (scores) and over S (output), in float32, which XLA
-    fuses into loops that read the heads-major cache as stored. As matmuls they are
-    B * K tiny [T*G, Dh] x [Dh, S] products (or, in the [B, S, K, Dh] layout this
-    replaced, a K-fold cross product masked back to each head's block); the loops
-    made rollout 0.54x (tiny) and 0.90x (small) the time (BENCHMARKS.md, Rollout).
-    Scores [B, K, T*G, S + T] keep slots minor, so the softmax reads contiguous rows.
-    """
-    b, t, h, dh = q.shape
-    kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
-    g = h // kv_heads
-    f32 = jnp.float32
-    # the T * G queries of each kv head as one axis: [B, K, T*G, Dh]
-    qr = q.reshape(b, t, kv_heads, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, dh).astype(f32)
-    k_new, v_new = k_new.transpose(0, 2, 1, 3).astype(f32), v_new.transpose(0, 2, 1, 3).astype(f32)  # [B, K, T, Dh]
-
-    def scores_over(keys):  # [B, K, T*G, keys]
-        return jnp.sum(qr[:, :, :, None, :] * keys[:, :, None, :, :].astype(f32), axis=-1)
-
-    scores = jnp.concatenate([scores_over(k_cache), scores_over(k_new)], axis=-1) * f32(scale)
-    scores = softcap(scores, logit_softcap)
-    slot = jnp.arange(slots)
-    unwritten = (slot >= index) & (slot < index + t)
-    keep = jnp.concatenate([mask & ~unwritten, jax.lax.dynamic_slice_in_dim(mask, index, t, axis=2)], axis=2)
-    keep = jnp.broadcast_to(keep[:, None, :, None, :], (b, 1, t, g, slots + t)).reshape(b, 1, t * g, slots + t)
-    probs = jax.nn.softmax(jnp.where(keep, scores, MASK_VALUE), axis=-1)
-
-    def mix(p, values):  # [B, K, T*G, Dh]
-        return jnp.sum(p[..., None] * values[:, :, None, :, :].astype(f32), axis=-2)
-
-    out = mix(probs[..., :slots], v_cache) + mix(probs[..., slots:], v_new)
-    return out.reshape(b, kv_heads, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h, dh).astype(q.dtype)
-
-
-def make_attention_masks(
-    q_slots: jax.Array,
-    kv_slots: jax.Array,
-    kv_valid: jax.Array,
-    sliding_window: int | None,
-) -> tuple[jax.Array, jax.Array | None]:
-    """Full (causal + padding) and sliding-window masks [B, T, S] bool.
-
-    q_slots [T] or [B, T]: slot index of each query; kv_slots [S]: slot index of
-    each key; kv_valid [B, S]: key slot holds a real (non-pad) token. The sliding
-    window matches transformers: key slot > query slot - window.
-    """
-    q = q_slots[..., :, None] if q_slots.ndim == 1 else q_slots[:, :, None]
-    kv = kv_slots[None, :] if q_slots.ndim == 1 else kv_slots[None, None, :]
-    causal = kv <= q  # [T, S] or [B, T, S]
-    full = causal & kv_valid[:, None, :]
-    sliding = None
-    if sliding_window:
-        sliding = full & (kv > q - sliding_window)
-    return full, sliding
 
 
 # ----------------------------------------------------------------------------- mlp

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import json
 from typing import Any, NamedTuple
 
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax.models import attention as A
 from grpo_jax.models import layers as L
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -106,6 +108,9 @@ class TransformerConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat_policy: str = "none"
+    attention_impl: str = "auto"  # auto | dense | blockwise | splash | cudnn (models/attention.py)
+    attention_block_q: int = 512  # query / key block sizes of the blockwise and splash backends
+    attention_block_kv: int = 512
     # provenance and HF fields that must survive a round trip (JSON object as a string)
     model_type: str = "llama"
     hf_extra: str = "{}"
@@ -121,6 +126,8 @@ class TransformerConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; supported: {', '.join(REMAT_POLICIES)}")
+        if self.attention_impl not in A.IMPLS:
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; supported: {', '.join(A.IMPLS)}")
         if self.norm_style not in ("llama", "gemma"):
             raise ValueError(f"unknown norm_style {self.norm_style!r}; supported: llama, gemma")
         L.activation_fn(self.activation)  # validates
@@ -345,7 +352,7 @@ def logits_from_hidden(config: TransformerConfig, params: dict, hidden: jax.Arra
         logits = jnp.einsum("...d,vd->...v", h, params["embed"].astype(cd), preferred_element_type=jnp.float32)
     else:
         logits = jnp.einsum("...d,dv->...v", h, params["lm_head"].astype(cd), preferred_element_type=jnp.float32)
-    return L.softcap(logits, config.final_logit_softcap)
+    return A.softcap(logits, config.final_logit_softcap)
 
 
 def _remat_policy(name: str):
@@ -384,8 +391,11 @@ def _rows_constraint(mesh):
 
 
 def apply(config: TransformerConfig, params: dict, tokens, positions, attention_mask,
-          cache: KVCache | None = None, *, return_hidden: bool = False):
-    """The decoder as a pure function of a plain param dict. See the module docstring."""
+          cache: KVCache | None = None, *, return_hidden: bool = False, segment_ids=None):
+    """The decoder as a pure function of a plain param dict. See the module docstring.
+
+    segment_ids [B, T] int32 (packed sequences, no cache): a token attends only to earlier
+    tokens of its own segment; positions then restart per segment (the caller's)."""
     c = config
     cd = c.compute_jnp_dtype
     rows = _rows_constraint(_ACTIVATION_MESH.get() if cache is None else None)
@@ -399,24 +409,24 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
         h = h * jnp.asarray(c.embed_scale, dtype=cd)
     h = rows(h)
 
-    # masks
+    # which keys each query sees, as vectors: each backend builds its own blocks of the mask
     if cache is None:
         slots = jnp.arange(T, dtype=jnp.int32)
-        full_mask, sliding_mask = L.make_attention_masks(slots, slots, mask, c.sliding_window)
+        amask = A.AttentionMask(slots, slots, mask, segment_ids, segment_ids)
         index = None
     else:
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packed sequences) are for training passes, not with a KV cache")
         index = cache.index.astype(jnp.int32)
         slot_mask = jax.lax.dynamic_update_slice(cache.slot_mask, mask, (0, index))
-        q_slots = index + jnp.arange(T, dtype=jnp.int32)
-        kv_slots = jnp.arange(cache.k.shape[3], dtype=jnp.int32)
-        full_mask, sliding_mask = L.make_attention_masks(q_slots, kv_slots, slot_mask, c.sliding_window)
-    if full_mask.ndim == 2:
-        full_mask = jnp.broadcast_to(full_mask[None], (B,) + full_mask.shape)
+        amask = A.AttentionMask(index + jnp.arange(T, dtype=jnp.int32),
+                                jnp.arange(cache.k.shape[3], dtype=jnp.int32), slot_mask)
     sliding_flags = c.sliding_layers
     any_sliding = any(sliding_flags)
-    all_sliding = all(sliding_flags)
-    if any_sliding and sliding_mask.ndim == 2:
-        sliding_mask = jnp.broadcast_to(sliding_mask[None], (B,) + sliding_mask.shape)
+    mixed_sliding = any_sliding and not all(sliding_flags)
+    attend = functools.partial(A.attend, impl=c.attention_impl, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap,
+                               sliding_window=c.sliding_window if any_sliding else None,
+                               block_q=c.attention_block_q, block_kv=c.attention_block_kv)
 
     # rotary tables
     inv_freq = L.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_type, c.rope_factor, c.rope_low_freq_factor,
@@ -459,21 +469,18 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
             zero = jnp.zeros((), jnp.int32)
             k_new, v_new = k.astype(cache.k.dtype), v.astype(cache.v.dtype)  # [B, T, K, Dh]
             kv_out = (k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3))  # the cache's [B, K, T, Dh]
-        if all_sliding:
-            m = sliding_mask
-        elif any_sliding:
-            m = jnp.where(is_sliding, sliding_mask, full_mask)
-        else:
-            m = full_mask
+        layer_sliding = is_sliding if mixed_sliding else None
         if cache is None:
-            o = L.attention(q, k, v, m, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap)
-        elif T <= L.CACHED_ATTENTION_MAX_QUERIES:  # decode: reads the cache slice as is
-            o = L.cached_attention(q, x["k"].astype(cd), x["v"].astype(cd), k_new.astype(cd), v_new.astype(cd), m,
-                                   index, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap)
+            o = attend(q, k, v, amask, is_sliding=layer_sliding)
+        elif T <= A.CACHED_ATTENTION_MAX_QUERIES:  # decode: reads the cache slice as is
+            window = A.window_of(c.sliding_window if any_sliding else None, layer_sliding)
+            o = A.cached_attention(q, x["k"].astype(cd), x["v"].astype(cd), k_new.astype(cd), v_new.astype(cd),
+                                   A.block_mask(amask, window), index, scale=c.attn_scale,
+                                   logit_softcap=c.attn_logit_softcap)
         else:  # a long chunk (prefill): written into this layer's cache slice, then attention over every slot
             k_all, v_all = (jax.lax.dynamic_update_slice(x[n], new, (zero, zero, index, zero)).transpose(0, 2, 1, 3)
                             .astype(cd) for n, new in zip("kv", kv_out))
-            o = L.attention(q, k_all, v_all, m, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap)
+            o = attend(q, k_all, v_all, amask, is_sliding=layer_sliding)
         o = jnp.einsum("bthk,hkd->btd", o, p["wo"])
         if c.o_bias:
             o = o + p["bo"]
