@@ -21,6 +21,7 @@ after the second reuses compiled programs.
 Each workload runs in its own subprocess, so its peak RSS (ru_maxrss) is its own.
 
     .venv/bin/python bench/grpo_step.py [--workload tiny|small|smollm2|all] [--steps 5] [--json out.json]
+        [--micro-batch ROWS]
 """
 
 from __future__ import annotations
@@ -47,20 +48,23 @@ def model_config(w: common.Workload):
         model_type="qwen2" if w.qkv_bias else "llama")
 
 
-def run_config(w: common.Workload):
+def run_config(w: common.Workload, micro_batch: int = 0):
     from grpo_jax.config import Config, DataConfig, GRPOConfig, OptimConfig, RolloutConfig
 
     return Config(
         rollout=RolloutConfig(group_size=w.group, max_prompt_length=w.prompt_len,
                               max_completion_length=w.new_tokens, temperature=1.0, stop_token_ids=()),
-        grpo=GRPOConfig(beta=w.beta, epsilon=common.EPSILON, num_iterations=1, num_minibatches=1),
+        grpo=GRPOConfig(beta=w.beta, epsilon=common.EPSILON, num_iterations=1, num_minibatches=1,
+                        micro_batch_size=micro_batch),
         optim=OptimConfig(learning_rate=common.LEARNING_RATE),
         data=DataConfig(batch_size=w.prompts),
     )
 
 
-def run_workload(w: common.Workload, steps: int, matmul_gflops: float) -> dict:
-    """`steps` GRPO steps of one workload; the result row (see common.summarize)."""
+def run_workload(w: common.Workload, steps: int, matmul_gflops: float, micro_batch: int = 0) -> dict:
+    """`steps` GRPO steps of one workload; the result row (see common.summarize).
+
+    micro_batch: grpo.micro_batch_size (rows per forward/backward pass; 0: all rows at once)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -78,7 +82,7 @@ def run_workload(w: common.Workload, steps: int, matmul_gflops: float) -> dict:
         lambda event, duration, **kw: compiles.append(duration) if event == COMPILE_EVENT else None)
 
     # set up as loop.Run does: a mesh, the train state placed in its shardings, steps with fixed out shardings
-    config, cfg = model_config(w), run_config(w)
+    config, cfg = model_config(w), run_config(w, micro_batch)
     mesh = sharding.make_mesh(cfg.mesh)
     model = tf.Transformer(config, rngs=nnx.Rngs(common.SEED))
     params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
@@ -131,8 +135,10 @@ def versions() -> dict:
 
 
 def main(argv=None) -> int:
+    options = {"--micro-batch": dict(type=int, default=0, metavar="ROWS",
+                                     help="grpo.micro_batch_size: rows per forward/backward pass (0: all)")}
     return common.cli_main("grpo_jax", __doc__, os.path.abspath(__file__), run_workload, versions,
-                           common.jax_matmul_gflops, argv)
+                           common.jax_matmul_gflops, argv, options)
 
 
 if __name__ == "__main__":

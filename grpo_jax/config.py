@@ -110,6 +110,12 @@ class GRPOConfig:
     accumulated over minibatch / micro_batch_size passes, and the reference / old log-prob passes run
     in pieces this size, which bounds activation memory. 0: the whole minibatch at once; "auto": the
     largest that fits the device, found by compiling candidates at start-up (as `plan` reports)."""
+    pack_sequences: bool = False
+    """Pack several (prompt + completion) sequences into each row of the update and log-prob passes
+    (segment ids keep attention inside a sequence), instead of padding every row to the longest:
+    the same loss and gradients, less work when lengths vary. Needs num_minibatches = 1."""
+    pack_length: int = 0
+    """Tokens per packed row; 0: the padded width (longest prompt bucket + max_completion_length)."""
     mask_truncated_completions: bool = False
     """Exclude completions that hit max_completion_length without a stop token from the loss (DAPO)."""
     filter_zero_std_groups: bool = False
@@ -510,6 +516,9 @@ def validate(cfg: Config) -> None:
          f"data.batch_size x rollout.group_size = {d.batch_size * r.group_size} completions do not split into "
          f"grpo.num_minibatches={g.num_minibatches} equal minibatches")
     need(d.batch_size >= 1, "data.batch_size must be >= 1")
+    need(not g.pack_sequences or g.num_minibatches == 1,
+         "grpo.pack_sequences needs grpo.num_minibatches=1 (use grpo.micro_batch_size to bound memory)")
+    need(g.pack_length >= 0, "grpo.pack_length must be >= 0 (0: the padded width)")
     need(cfg.model.attention_block_q >= 1 and cfg.model.attention_block_kv >= 1,
          "model.attention_block_q and model.attention_block_kv must be >= 1")
     mb, minibatch = g.micro_batch_size, d.batch_size * r.group_size // max(g.num_minibatches, 1)

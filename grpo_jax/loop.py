@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from grpo_jax import distributed, sharding
+from grpo_jax import distributed, packing, sharding
 from grpo_jax.checkpoint import Checkpointer, abstract_like
 from grpo_jax.config import CheckpointConfig, Config, announce_config, to_dict
 from grpo_jax.data import PromptFormatter, batches, load_dataset
@@ -40,8 +40,8 @@ from grpo_jax.planner import resolve_auto_micro_batch
 from grpo_jax.rewards import RewardError, RewardSet
 from grpo_jax.rewards.compute import RewardResult
 from grpo_jax.rollout import Rollout, SamplingParams, bucket_length, generate_rows, pad_prompts_left
-from grpo_jax.trainer import (Batch, assemble_batch, init_train_state, make_steps, sync_reference, train_flops,
-                              train_on_batch)
+from grpo_jax.trainer import (Batch, assemble_batch, init_train_state, make_steps, micro_batch_count, packed_batch,
+                              sync_reference, train_flops, train_on_batch)
 
 SKIP_COLUMNS = ("prompt", "index", "valid")
 
@@ -242,6 +242,7 @@ class Run(Generation):
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
         self.skipped_in_a_row = 0
+        self.packed_shapes: set = set()  # (rows per unit, row length) of the packed batches so far
         self.samples: list[dict] = []  # a few (prompt, completion, reward) rows of the last step, for the log
 
     @property
@@ -289,8 +290,13 @@ class Run(Generation):
 
         loss_mask = mask & ~truncated[:, None] if cfg.grpo.mask_truncated_completions else mask
         rows = lambda x: np.repeat(x, G, axis=0)  # noqa: E731
-        pending = self.assemble(*self.to_mesh((rows(enc.ids), rows(enc.mask), tokens, loss_mask,
-                                               np.zeros(len(tokens), np.float32))))
+        order = None  # packed: loss row k holds this process's row order[k]
+        if cfg.grpo.pack_sequences:
+            pending, order = self.packed(rows(enc.ids), rows(enc.mask), tokens, loss_mask)
+        else:
+            pending = self.assemble(*self.to_mesh((rows(enc.ids), rows(enc.mask), tokens, loss_mask,
+                                                   np.zeros(len(tokens), np.float32))))
+        in_loss_order = (lambda x: x) if order is None else (lambda x: x[order])  # noqa: E731
         pending = self.steps[0](self.state, pending)  # reference / old log-probs, dispatched asynchronously
         completions = decode_completions(self.policy.tokenizer, tokens, mask, self.formatter.assistant_prefix)
         prompts_text = [t for t in enc.texts for _ in range(G)]
@@ -305,8 +311,10 @@ class Run(Generation):
         flat_groups = groups.max(1) == groups.min(1)
         if cfg.grpo.filter_zero_std_groups:
             informative = np.repeat(~flat_groups, G)[:, None]
-            pending = pending._replace(completion_mask=self.to_mesh(loss_mask & informative))
-        self.state, train_metrics = self._update(pending._replace(advantages=advantages))
+            pending = pending._replace(completion_mask=self.to_mesh(in_loss_order(loss_mask & informative)))
+        loss_advantages = advantages if order is None else self.to_mesh(
+            in_loss_order(np.asarray(distributed.local_rows(advantages))))
+        self.state, train_metrics = self._update(pending._replace(advantages=loss_advantages))
         if cfg.grpo.beta != 0 and cfg.grpo.ref_sync_steps and (step + 1) % cfg.grpo.ref_sync_steps == 0:
             self.state = self.sync_reference(self.state)
         train_metrics = {k: float(v) for k, v in train_metrics.items()}
@@ -344,6 +352,30 @@ class Run(Generation):
                        for i in range(0, len(completions), max(1, len(completions) // cfg.logging.log_completions))]
             self.samples = samples
         return metrics
+
+    def packed(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> tuple[Batch, np.ndarray]:
+        """This process's rows packed (grpo.pack_sequences; packing.py) as a global Batch, and the row order.
+
+        Rows per (device, micro-batch) unit are the same on every process: the most any needs,
+        rounded up to a power of two, so a run compiles a few packed shapes (each one is logged)."""
+        cfg = self.cfg
+        devices = sharding.data_parallel_size(self.mesh) // jax.process_count()
+        micro = micro_batch_count(cfg, cfg.data.batch_size * cfg.rollout.group_size)
+        length = cfg.grpo.pack_length or prompt_ids.shape[1] + completion_ids.shape[1]
+        lengths = np.asarray(prompt_mask).sum(1) + np.asarray(completion_mask).sum(1)
+        units = devices * micro
+        needed = distributed.global_max(packing.rows_needed(lengths, units, length))
+        per_unit = packing.bucket_rows(needed, len(lengths) // units)
+        if (per_unit, length) not in self.packed_shapes:
+            self.packed_shapes.add((per_unit, length))
+            print(f"packing {len(lengths)} sequences per process into {units * per_unit} rows of {length} tokens "
+                  f"(a new packed shape: {len(self.packed_shapes)} so far)", flush=True)
+        packed = packing.pack(prompt_ids, prompt_mask, completion_ids, completion_mask, devices=devices,
+                              micro_batches=micro, length=length, rows_per_unit=per_unit,
+                              pad_token_id=self.formatter.pad_id)
+        batch = packed_batch(packed, np.asarray(completion_mask)[packed.order],
+                             np.zeros(len(lengths), np.float32))
+        return self.to_mesh(batch), packed.order
 
     def _update(self, batch: Batch):
         return train_on_batch(self.state, batch, self.steps[1], self.cfg)

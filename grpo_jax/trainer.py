@@ -47,15 +47,24 @@ def init_train_state(params, optimizer: optax.GradientTransformation, rng: jax.A
 
 
 class Batch(NamedTuple):
-    """One generation batch laid out for the loss: R = prompts x G rows."""
+    """One generation batch laid out for the loss: R = prompts x G rows.
 
-    tokens: jax.Array  # [R, P + N] int32: left-padded prompt, then the completion
-    positions: jax.Array  # [R, P + N] int32
-    attention_mask: jax.Array  # [R, P + N] bool
+    Padded (the default): the model reads one sequence per row. Packed (`grpo.pack_sequences`,
+    see packing.py): tokens / positions / attention_mask are Rp rows of L tokens holding several
+    sequences each (segment_ids tell them apart) and source_row / source_start say where loss
+    row r's completion lies; the loss-side fields keep one row per sequence.
+    """
+
+    tokens: jax.Array  # [R, P + N] int32: left-padded prompt, then the completion (packed: [Rp, L])
+    positions: jax.Array  # [R, P + N] int32 (packed: [Rp, L], restarting per sequence)
+    attention_mask: jax.Array  # [R, P + N] bool (packed: [Rp, L])
     completion_mask: jax.Array  # [R, N] bool: tokens that count in the loss
     advantages: jax.Array  # [R] float32
     old_logp: Optional[jax.Array] = None  # [R, N] float32
     ref_logp: Optional[jax.Array] = None  # [R, N] float32
+    segment_ids: Optional[jax.Array] = None  # packed: [Rp, L] int32, 0 on padding
+    source_row: Optional[jax.Array] = None  # packed: [R] int32, the packed row of loss row r's sequence
+    source_start: Optional[jax.Array] = None  # packed: [R] int32, the column of its first completion token
 
 
 def assemble_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages) -> Batch:
@@ -74,7 +83,28 @@ def assemble_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, adv
     )
 
 
-def completion_logprobs(forward: Callable, params, batch: Batch, temperature: float) -> jax.Array:
+def packed_batch(packed, completion_mask, advantages) -> Batch:
+    """A Batch of host arrays from `packing.pack`'s rows and the loss-side arrays (in the packed order)."""
+    return Batch(tokens=packed.tokens, positions=packed.positions, attention_mask=packed.attention_mask,
+                 completion_mask=np.asarray(completion_mask, bool), advantages=np.asarray(advantages, np.float32),
+                 segment_ids=packed.segment_ids, source_row=packed.source_row, source_start=packed.source_start)
+
+
+def gather_completions(x: jax.Array, source_row: jax.Array, columns: jax.Array, blocks: int) -> jax.Array:
+    """x[source_row[r], columns[r, n]] for packed rows x [Rp, L, ...] -> [R, N, ...].
+
+    blocks: the row blocks the arrays are split in over devices; each loss row's sequence lies in
+    its own block's packed rows (packing.py), so the gather runs block by block and stays local."""
+    rows_per_block = x.shape[0] // blocks
+    xb = x.reshape(blocks, rows_per_block, *x.shape[1:])
+    local = (source_row % rows_per_block).reshape(blocks, -1)
+    cols = jnp.clip(columns, 0, x.shape[1] - 1).reshape(blocks, -1, columns.shape[-1])
+    out = jax.vmap(lambda xs, r, c: xs[r[:, None], c])(xb, local, cols)
+    return out.reshape(-1, *out.shape[2:])
+
+
+def completion_logprobs(forward: Callable, params, batch: Batch, temperature: float,
+                        blocks: int = 1) -> jax.Array:
     """log p(completion token | everything before it) [R, N], float32, at the sampling temperature.
 
     With the library's decoder (`functools.partial(transformer.apply, config)`, as loop and
@@ -85,8 +115,19 @@ def completion_logprobs(forward: Callable, params, batch: Batch, temperature: fl
     Any other forward returns logits, which are then read a chunk at a time.
     """
     n = batch.completion_mask.shape[1]
-    targets = batch.tokens[:, -n:]
     config = _decoder_config(forward)
+    if batch.segment_ids is not None:  # packed: the completions are gathered out of the packed rows
+        if config is None:
+            raise ValueError("grpo.pack_sequences needs the library's decoder (segment ids in its attention)")
+        hidden, _ = forward(params, batch.tokens, batch.positions, batch.attention_mask, None, return_hidden=True,
+                            segment_ids=batch.segment_ids)
+        # log-probs of every packed token (their count, not R x N, sets the unembedding's cost), then each
+        # completion token's: column c is predicted by the state at c - 1
+        project = lambda x: tf.logits_from_hidden(config, params, x)  # noqa: E731
+        packed_logp = token_logprobs(hidden[:, :-1], batch.tokens[:, 1:], temperature, project=project)
+        columns = batch.source_start[:, None] + jnp.arange(n)[None] - 1  # [R, N]
+        return gather_completions(packed_logp, batch.source_row, columns, blocks)
+    targets = batch.tokens[:, -n:]
     if config is None:
         logits, _ = forward(params, batch.tokens, batch.positions, batch.attention_mask, None)
         return token_logprobs(logits[:, -n - 1 : -1], targets, temperature)
@@ -122,7 +163,10 @@ def micro_batch_count(cfg: Config, rows: int) -> int:
 
 def split_micro_batches(tree, count: int):
     """Every [R, ...] leaf -> [count, R / count, ...]. Micro-batch i holds rows i, i + count, i + 2 count, ...:
-    strided, so rows split over devices in contiguous blocks give each device its share of every micro-batch."""
+    strided, so rows split over devices in contiguous blocks give each device its share of every micro-batch.
+    A packed Batch's source_row then indexes its micro-batch's packed rows (packing.py lays them out so)."""
+    if isinstance(tree, Batch) and tree.source_row is not None:
+        tree = tree._replace(source_row=tree.source_row // count)
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1), tree)
 
 
@@ -145,13 +189,14 @@ def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: 
     mesh = _mesh_of(state_shardings)
     pin_rows = (lambda tree: tree) if mesh is None else (  # a micro-batch keeps its rows split over the mesh
         lambda tree: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding.rows_sharding(x, mesh)), tree))
+    blocks = 1 if mesh is None else sharding.data_parallel_size(mesh)  # row blocks over devices (packed gathers)
+    logprobs = functools.partial(completion_logprobs, forward, temperature=temperature, blocks=blocks)
 
     def logprobs_in_pieces(params, batch: Batch) -> jax.Array:
         count = micro_batch_count(cfg, batch.advantages.shape[0])
         if count == 1:
-            return completion_logprobs(forward, params, batch, temperature)
-        pieces = jax.lax.map(lambda micro: completion_logprobs(forward, params, pin_rows(micro), temperature),
-                             split_micro_batches(batch, count))
+            return logprobs(params, batch)
+        pieces = jax.lax.map(lambda micro: logprobs(params, pin_rows(micro)), split_micro_batches(batch, count))
         return join_micro_batches(pieces)
 
     @jax.jit
@@ -168,7 +213,7 @@ def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: 
         # Each minibatch is one optimizer update, so "dapo" normalises by this minibatch's tokens
         # (TRL: the tokens of one optimizer step's gradient-accumulation window), over all its micro-batches.
         with shard_activations(mesh):
-            logp = completion_logprobs(forward, params, batch, temperature)
+            logp = logprobs(params, batch)
         return policy_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.completion_mask, grpo,
                            max_completion_length=cfg.rollout.max_completion_length, totals=totals)
 

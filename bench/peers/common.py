@@ -308,11 +308,12 @@ def jax_matmul_gflops() -> float:
     return matmul_flops_per_s() / 1e9
 
 
-def main_parent(framework: str, versions: dict, script: str, args, measure_gflops: Callable[[], float]) -> int:
+def main_parent(framework: str, versions: dict, script: str, args, measure_gflops: Callable[[], float],
+                extra: list[str] = ()) -> int:
     """The top level every script shares: measure the matmul rate, run each workload in a child, print."""
     gflops = args.matmul_gflops or measure_gflops()
     names = [w.name for w in select(args.workload)]
-    results = run_children(script, names, args.steps, gflops, timeout=args.timeout)
+    results = run_children(script, names, args.steps, gflops, extra=extra, timeout=args.timeout)
     doc = document(framework, versions, gflops, results)
     print_table(doc)
     if args.json:
@@ -321,12 +322,22 @@ def main_parent(framework: str, versions: dict, script: str, args, measure_gflop
     return 0 if all("error" not in r for r in results) else 1
 
 
-def cli_main(name: str, doc: str, script: str, run_workload, versions, measure_gflops, argv=None) -> int:
-    """The command line every benchmark script shares: a parent that spawns one child per workload."""
+def cli_main(name: str, doc: str, script: str, run_workload, versions, measure_gflops, argv=None,
+             options: dict[str, dict] = None) -> int:
+    """The command line every benchmark script shares: a parent that spawns one child per workload.
+
+    options: a script's own flags ({"--flag": argparse kwargs with a default}); the parent passes
+    them on to each child, which gives them to run_workload as keyword arguments."""
+    options = options or {}
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
+    for flag, kwargs in options.items():
+        ap.add_argument(flag, **kwargs)
     args = ap.parse_args(argv)
+    chosen = {flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag in options}
     if args.child:
-        emit_child_result(run_workload(WORKLOADS[args.child], args.steps, args.matmul_gflops))
+        kwargs = {flag.lstrip("-").replace("-", "_"): value for flag, value in chosen.items()}
+        emit_child_result(run_workload(WORKLOADS[args.child], args.steps, args.matmul_gflops, **kwargs))
         return 0
-    return main_parent(name, versions(), script, args, measure_gflops)
+    extra = [f"{flag}={value}" for flag, value in chosen.items()]
+    return main_parent(name, versions(), script, args, measure_gflops, extra)
