@@ -1,13 +1,15 @@
 """grpo_jax vs TRL vs google-tunix, seconds per GRPO step on the same workloads, and the ratios.
 
-Measures this machine's matmul rate once (bench/peak.py), then for each workload runs
-ours (bench/grpo_step.py, in .venv), TRL (bench/peers/trl_grpo.py, in .venv-trl) and tunix
-(bench/peers/tunix_grpo.py, in .venv-tunix) one after another, each workload in its own
-subprocess, so drifts of a shared machine hit the three alike. A peer whose venv is missing
-is skipped with a message (`make bench-peers` builds both); ours always runs.
+Measures this machine's matmul rate once (bench/peak.py), then runs `--rounds` rounds; in each,
+for each workload, ours (bench/grpo_step.py, in .venv), TRL (bench/peers/trl_grpo.py, in .venv-trl)
+and tunix (bench/peers/tunix_grpo.py, in .venv-tunix) one after another, each in its own
+subprocess, in reversed order on odd rounds. A shared machine that drifts during the run then
+hits the frameworks alike: each ratio is the median over rounds of that round's ratio (paired),
+each time the median over rounds. A peer whose venv is missing is skipped with a message
+(`make bench-peers` builds both); ours always runs.
 
     make bench                     (= .venv/bin/python bench/compare.py --json runs/bench/compare.json)
-    .venv/bin/python bench/compare.py [--workload tiny|small|smollm2|all] [--steps 5] [--json out.json]
+    .venv/bin/python bench/compare.py [--workload tiny|small|smollm2|all] [--steps 5] [--rounds 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +65,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", default="all")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every framework on every workload (interleaved)")
     ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     ap.add_argument("--timeout", type=float, default=None, help="seconds per workload subprocess")
     ap.add_argument("--json", default=None)
@@ -73,31 +77,44 @@ def main(argv=None) -> int:
     print(f"matmul f32: {gflops:.1f} GFLOP/s", flush=True)
     names = [n for n in args.frameworks.split(",") if n]
     docs: dict[str, dict] = {}
-    for w in common.select(args.workload):
-        for name in names:
-            doc = run_one(name, w.name, args.steps, gflops, args.timeout)
-            if doc is None:
-                continue
-            if name in docs:
-                docs[name]["results"] += doc["results"]
-            else:
-                docs[name] = doc
+    per_round: list[dict] = []  # {(framework, workload): result row} of each round
+    for r in range(args.rounds):
+        got = {}
+        for w in common.select(args.workload):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                doc = run_one(name, w.name, args.steps, gflops, args.timeout)
+                if doc is None:
+                    continue
+                for result in doc["results"]:
+                    got[(name, result["workload"])] = dict(result, round=r)
+                if name in docs:
+                    docs[name]["results"] += doc["results"]
+                else:
+                    docs[name] = doc
+        per_round.append(got)
+
+    def ok(result):
+        return result is not None and "error" not in result
 
     rows = []
     for w in common.select(args.workload):
-        by = {n: next((r for r in d["results"] if r["workload"] == w.name and "error" not in r), None)
-              for n, d in docs.items()}
-        ours = by.get("grpo_jax")
-        row = {"workload": w.name, "floor_s": common.floor_flops(w)["total"] / (gflops * 1e9)}
-        for n, r in by.items():
-            row[f"{n}_step_s"] = r["step_s"] if r else None
-            row[f"{n}_first_step_s"] = r["first_step_s"] if r else None
-            row[f"{n}_peak_rss_mb"] = r["peak_rss_mb"] if r else None
+        row = {"workload": w.name, "floor_s": common.floor_flops(w)["total"] / (gflops * 1e9), "rounds": args.rounds}
+        for n in docs:
+            runs = [got.get((n, w.name)) for got in per_round]
+            good = [x for x in runs if ok(x)]
+            row[f"{n}_step_s"] = statistics.median(x["step_s"] for x in good) if good else None
+            row[f"{n}_first_step_s"] = statistics.median(x["first_step_s"] for x in good) if good else None
+            row[f"{n}_peak_rss_mb"] = max(x["peak_rss_mb"] for x in good) if good else None
             if n != "grpo_jax":
-                row[f"{n}_over_ours"] = ratio(r["step_s"], ours["step_s"]) if r and ours else None
+                paired = [ratio(x["step_s"], ours["step_s"]) for got in per_round
+                          for x, ours in [(got.get((n, w.name)), got.get(("grpo_jax", w.name)))]
+                          if ok(x) and ok(ours)]
+                row[f"{n}_over_ours"] = statistics.median(paired) if paired else None
+                row[f"{n}_over_ours_per_round"] = paired
         rows.append(row)
 
-    print(f"\nGRPO step, seconds (median of steps 2..{args.steps}); matmul {gflops:.0f} GFLOP/s")
+    print(f"\nGRPO step, seconds (median of steps 2..{args.steps}, then over {args.rounds} interleaved rounds; "
+          f"ratios: median of each round's); matmul {gflops:.0f} GFLOP/s")
     peers = [n for n in names if n in docs and n != "grpo_jax"]
     head = f"{'workload':<9}{'floor':>8}{'grpo_jax':>10}{'x floor':>9}"
     for n in peers:

@@ -53,12 +53,15 @@ class ModelConfig:
     """Query block of the blockwise and splash backends."""
     attention_block_kv: int = 512
     """Key / value block of the blockwise and splash backends."""
+    mlp_chunk_size: int = 0
+    """> 0: each layer's MLP runs this many sequence positions at a time, rematerialised, so its
+    [rows, T, intermediate] buffers never exist whole (long traces: e.g. 2048); 0: the whole sequence."""
 
     def decoder_overrides(self) -> dict:
         """The TransformerConfig fields this section sets on a loaded model (dtypes, remat, attention)."""
         return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, remat_policy=self.remat,
                     attention_impl=self.attention_impl, attention_block_q=self.attention_block_q,
-                    attention_block_kv=self.attention_block_kv)
+                    attention_block_kv=self.attention_block_kv, mlp_chunk=self.mlp_chunk_size)
 
 
 @dataclass(frozen=True)
@@ -521,6 +524,7 @@ def validate(cfg: Config) -> None:
     need(g.pack_length >= 0, "grpo.pack_length must be >= 0 (0: the padded width)")
     need(cfg.model.attention_block_q >= 1 and cfg.model.attention_block_kv >= 1,
          "model.attention_block_q and model.attention_block_kv must be >= 1")
+    need(cfg.model.mlp_chunk_size >= 0, "model.mlp_chunk_size must be >= 0 (0: the whole sequence at once)")
     mb, minibatch = g.micro_batch_size, d.batch_size * r.group_size // max(g.num_minibatches, 1)
     need(mb == "auto" or (isinstance(mb, int) and mb >= 0),
          f"grpo.micro_batch_size={mb!r} must be a number of rows >= 0 (0: the whole minibatch) or auto")

@@ -357,7 +357,7 @@ class Run(Generation):
         """This process's rows packed (grpo.pack_sequences; packing.py) as a global Batch, and the row order.
 
         Rows per (device, micro-batch) unit are the same on every process: the most any needs,
-        rounded up to a power of two, so a run compiles a few packed shapes (each one is logged)."""
+        rounded up to a bucket (packing.bucket_rows), so a run compiles a few packed shapes (each one is logged)."""
         cfg = self.cfg
         devices = sharding.data_parallel_size(self.mesh) // jax.process_count()
         micro = micro_batch_count(cfg, cfg.data.batch_size * cfg.rollout.group_size)

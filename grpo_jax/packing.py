@@ -41,9 +41,14 @@ def rows_needed(lengths, units: int, length: int) -> int:
     return max(len(b) for b in _plan(np.asarray(lengths), units, length)[1])
 
 
+BUCKETS = 8  # packed row counts a run can compile: eighths of the padded row count
+
+
 def bucket_rows(needed: int, per_unit_max: int) -> int:
-    """Rows per unit rounded up to a power of two (a handful of compiled shapes), at most per_unit_max."""
-    return min(1 << max(needed - 1, 0).bit_length(), per_unit_max)
+    """Rows per unit rounded up to a multiple of per_unit_max / BUCKETS: at most BUCKETS compiled shapes,
+    and at most 1/BUCKETS of the padded rows wasted (a power of two could waste half)."""
+    step = -(-per_unit_max // BUCKETS)
+    return min(-(-max(needed, 1) // step) * step, per_unit_max)
 
 
 def _plan(lengths: np.ndarray, units: int, length: int):

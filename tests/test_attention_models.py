@@ -119,3 +119,14 @@ def test_auto_and_fallbacks_choose_as_documented(caplog):
     with caplog.at_level("INFO", logger="grpo_jax.attention"):
         A.attend(q, k, k, mask, impl="cudnn", scale=1.0)
     assert "attention_impl=cudnn does not apply" in caplog.text
+
+
+def test_mlp_in_chunks_equals_the_whole_sequence():
+    """model.mlp_chunk_size: the MLP a few positions at a time (ragged last chunk), same logits and gradients."""
+    whole = family_config("qwen2", attention_impl="dense")
+    chunked = dataclasses.replace(whole, mlp_chunk=5)
+    params = random_params(whole)
+    tokens, mask = left_padded_batch(lengths=(13, 7))
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    assert_same(logits_and_grads(whole, params, tokens, mask), logits_and_grads(chunked, params, tokens, mask),
+                mask, "mlp chunks")

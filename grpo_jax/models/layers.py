@@ -115,6 +115,26 @@ def gated_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Arra
     return _gated_mlp(activation, x, w_gate, w_up, w_down)
 
 
+def gated_mlp_in_chunks(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation: str,
+                        chunk: int) -> jax.Array:
+    """`gated_mlp` over `chunk` positions of the sequence at a time, each chunk rematerialised.
+
+    The MLP's [B, T, F] intermediates (F is 4-6x the hidden size) are the largest buffers of a
+    layer's backward pass at long sequences; here only [B, chunk, F] exist at once, for the price
+    of computing each chunk's forward once more in the backward pass. The batch axis stays whole,
+    so rows split over devices stay split.
+    """
+    b, t, d = x.shape
+    if chunk <= 0 or t <= chunk:
+        return gated_mlp(x, w_gate, w_up, w_down, activation)
+    n = -(-t // chunk)
+    xp = jnp.pad(x, ((0, 0), (0, n * chunk - t), (0, 0)))
+    pieces = jnp.moveaxis(xp.reshape(b, n, chunk, d), 1, 0)  # [n, B, chunk, D]
+    one = jax.checkpoint(lambda piece: gated_mlp(piece, w_gate, w_up, w_down, activation))
+    out = jax.lax.map(one, pieces)
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, -1)[:, :t]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gated_mlp(activation, x, w_gate, w_up, w_down):
     return _gated_mlp_fwd(activation, x, w_gate, w_up, w_down)[0]

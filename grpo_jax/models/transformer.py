@@ -111,6 +111,7 @@ class TransformerConfig:
     attention_impl: str = "auto"  # auto | dense | blockwise | splash | cudnn (models/attention.py)
     attention_block_q: int = 512  # query / key block sizes of the blockwise and splash backends
     attention_block_kv: int = 512
+    mlp_chunk: int = 0  # > 0: the MLP runs this many positions at a time (long sequences; layers.gated_mlp_in_chunks)
     # provenance and HF fields that must survive a round trip (JSON object as a string)
     model_type: str = "llama"
     hf_extra: str = "{}"
@@ -489,7 +490,7 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
         h = h + o
         # mlp
         f = rows(norm(h, p["mlp_norm"]))
-        f = L.gated_mlp(f, p["w_gate"], p["w_up"], p["w_down"], c.activation)
+        f = L.gated_mlp_in_chunks(f, p["w_gate"], p["w_up"], p["w_down"], c.activation, c.mlp_chunk)
         if c.post_norms:
             f = norm(f, p["post_mlp_norm"])
         h = rows(h + f)
