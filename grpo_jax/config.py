@@ -521,7 +521,9 @@ def validate(cfg: Config) -> None:
     need(d.batch_size >= 1, "data.batch_size must be >= 1")
     need(not g.pack_sequences or g.num_minibatches == 1,
          "grpo.pack_sequences needs grpo.num_minibatches=1 (use grpo.micro_batch_size to bound memory)")
-    need(g.pack_length >= 0, "grpo.pack_length must be >= 0 (0: the padded width)")
+    need(g.pack_length == 0 or g.pack_length >= r.max_prompt_length + r.max_completion_length,
+         f"grpo.pack_length={g.pack_length} must be 0 (the padded width) or hold the longest sequence: "
+         f">= rollout.max_prompt_length + rollout.max_completion_length = {r.max_prompt_length + r.max_completion_length}")
     need(cfg.model.attention_block_q >= 1 and cfg.model.attention_block_kv >= 1,
          "model.attention_block_q and model.attention_block_kv must be >= 1")
     need(cfg.model.mlp_chunk_size >= 0, "model.mlp_chunk_size must be >= 0 (0: the whole sequence at once)")

@@ -216,6 +216,11 @@ class Run(Generation):
             self.cfg = cfg
             if self.is_main:
                 print(line, flush=True)
+        dp, micro = sharding.data_parallel_size(self.mesh), cfg.grpo.micro_batch_size
+        minibatch = cfg.data.batch_size * cfg.rollout.group_size // cfg.grpo.num_minibatches
+        if micro and micro < minibatch and micro % dp:
+            raise ValueError(f"grpo.micro_batch_size={micro} does not split over the mesh's data x fsdp = {dp} "
+                             "devices (each device takes a share of every micro-batch); use a multiple of it or auto")
         updates = max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
         self.optimizer = make_optimizer(cfg.optim, updates)
         self.train_data = load_dataset(cfg.data, cfg.data.split, cfg.run.seed)
@@ -232,8 +237,10 @@ class Run(Generation):
         self.state = jax.device_put(state, self.state_shardings)
         self.steps = make_steps(self.policy.forward, self.optimizer, cfg, self.state_shardings)
         self.assemble = jax.jit(assemble_batch)
+        rows = jax.ShapeDtypeStruct((cfg.data.batch_size * cfg.rollout.group_size,), jnp.float32)
         self.advantages = jax.jit(functools.partial(group_advantages, group_size=cfg.rollout.group_size,
-                                                    scale=cfg.grpo.scale_rewards, eps=cfg.grpo.advantage_eps))
+                                                    scale=cfg.grpo.scale_rewards, eps=cfg.grpo.advantage_eps),
+                                  out_shardings=sharding.rows_sharding(rows, self.mesh))  # each process's own rows
         self.sync_reference = jax.jit(functools.partial(sync_reference, alpha=cfg.grpo.ref_mixup_alpha),
                                       donate_argnums=0, out_shardings=self.state_shardings)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
@@ -366,7 +373,7 @@ class Run(Generation):
         units = devices * micro
         needed = distributed.global_max(packing.rows_needed(lengths, units, length))
         per_unit = packing.bucket_rows(needed, len(lengths) // units)
-        if (per_unit, length) not in self.packed_shapes:
+        if (per_unit, length) not in self.packed_shapes and self.is_main:
             self.packed_shapes.add((per_unit, length))
             print(f"packing {len(lengths)} sequences per process into {units * per_unit} rows of {length} tokens "
                   f"(a new packed shape: {len(self.packed_shapes)} so far)", flush=True)

@@ -89,7 +89,7 @@ def pack(prompt_ids, prompt_mask, completion_ids, completion_mask, *, devices: i
     """
     prompt_ids, completion_ids = np.asarray(prompt_ids), np.asarray(completion_ids)
     prompt_mask, completion_mask = np.asarray(prompt_mask, bool), np.asarray(completion_mask, bool)
-    rows, width = completion_ids.shape
+    rows = completion_ids.shape[0]
     prompt_len, completion_len = prompt_mask.sum(1), completion_mask.sum(1)
     units = devices * micro_batches
     members, bins = _plan(prompt_len + completion_len, units, length)

@@ -143,13 +143,21 @@ class Target(NamedTuple):
     devices: int
 
 
+# TPU generations whose slice names count TensorCores, two per chip (one JAX device per chip)
+CORE_NAMED = ("v4", "v5p")
+
+
 def parse_target(name: str) -> Target:
-    """ "h100x1" / "h100x8" (GPUs: kind x count) or "v5e-8" / "v5p-64" (TPU slices: kind-chips) -> Target."""
+    """ "h100x1" / "h100x8" (GPUs: kind x count) or "v5e-8" / "v5p-64" (TPU slices, named as Google names
+    them: chips for v5e / v6e, TensorCores for v4 / v5p, which have two per chip) -> Target (devices = chips)."""
     match = re.fullmatch(r"([a-z0-9-]+?)(?:x|-)(\d+)", name.strip().lower())
     if not match or match.group(1) not in DEVICE_MEMORY_GIB or int(match.group(2)) < 1:
         raise ValueError(f"unknown target {name!r}: expected KINDxN (e.g. h100x1) or KIND-N (e.g. v5e-8) with "
                          f"KIND one of {', '.join(DEVICE_MEMORY_GIB)}")
-    return Target(name, match.group(1), int(match.group(2)))
+    kind, count = match.group(1), int(match.group(2))
+    if kind in CORE_NAMED and count > 1:  # "v5p-8" is 8 TensorCores: 4 chips, 4 JAX devices
+        count //= 2
+    return Target(name, kind, count)
 
 
 def device_kind_key(kind: str) -> Optional[str]:
@@ -302,11 +310,13 @@ def _rollout_program(model_config, cfg: Config, params, mesh):
 FIT_FRACTION = 0.85  # a program "fits" at or below this share of device memory (headroom for fragmentation)
 
 
-def planned_attention(model_config: tf.TransformerConfig, platform: str) -> tf.TransformerConfig:
+def planned_attention(model_config: tf.TransformerConfig, platform: str, target_kind: Optional[str]) -> tf.TransformerConfig:
     """The attention backend to compile with. Planned on CPU for a TPU / GPU target, `auto`, `splash` and
-    `cudnn` compile as `blockwise`: the accelerator kernels cannot compile for CPU, and blockwise holds the
-    same O(T) working set (no [T, S] scores), so its memory stands in for theirs."""
-    if platform == "cpu" and model_config.attention_impl in ("auto", "splash", "cudnn"):
+    `cudnn` compile as `blockwise`: the accelerator kernels cannot compile for CPU, and blockwise holds
+    splash's O(T) working set (no [T, S] scores). cuDNN also takes a [B, 1, T, S] boolean mask, which
+    this leaves out. For a CPU target the backend is what a CPU run picks."""
+    on_accelerator = target_kind is None or device_kind_key(target_kind) != "cpu"
+    if platform == "cpu" and on_accelerator and model_config.attention_impl in ("auto", "splash", "cudnn"):
         return model_config.replace(attention_impl="blockwise")
     return model_config
 
@@ -399,7 +409,7 @@ def resolve_auto_micro_batch(cfg: Config, model_config: tf.TransformerConfig, me
     whole minibatch runs at once.
     """
     minibatch = cfg.data.batch_size * cfg.rollout.group_size // cfg.grpo.num_minibatches
-    device = mesh.devices.flat[0]
+    device = jax.local_devices()[0]  # one this process can ask; every process then takes the smallest answer
     memory = device_memory_bytes(device)
     if memory is None:
         return (with_micro_batch(cfg, minibatch),
@@ -413,6 +423,11 @@ def resolve_auto_micro_batch(cfg: Config, model_config: tf.TransformerConfig, me
                 f"warning: grpo.micro_batch_size=auto: no micro-batch fits {FIT_FRACTION:.0%} of {_gib(memory)} "
                 f"per device (compiled peaks {tried}); trying the smallest, {smallest} rows (see `python -m launch "
                 "plan`: shorten rollout.max_completion_length, use model.remat=full or a larger mesh.fsdp)")
+    from grpo_jax import distributed
+
+    agreed = -distributed.global_max(-fit["size"])  # all processes must compile the same program
+    if agreed != fit["size"]:
+        fit = dict(fit, size=agreed)
     return (with_micro_batch(cfg, fit["size"]),
             f"grpo.micro_batch_size=auto -> {fit['size']} of {minibatch} rows per forward/backward pass (the largest "
             f"that fits {FIT_FRACTION:.0%} of {_gib(memory)} per device; compiled peaks {tried})")
@@ -428,7 +443,7 @@ def plan(cfg: Config, model_config: tf.TransformerConfig, mesh, *, programs=("ro
     micro-batch that fits; with auto the step programs are reported at that size.
     """
     platform = mesh.devices.flat[0].platform
-    model_config = planned_attention(model_config, platform)
+    model_config = planned_attention(model_config, platform, device_kind)
     abstract = _Abstract(model_config, cfg, mesh)
     state, resident = abstract.state, abstract.resident
     B, G = cfg.data.batch_size, cfg.rollout.group_size

@@ -440,9 +440,10 @@ def attend(q, k, v, mask: AttentionMask, *, impl: str = "auto", scale: float, lo
     if chosen == "splash":
         from grpo_jax.models.splash import splash_attention
 
+        t = q.shape[1]  # the configured blocks where the kernel takes them (dividing T, lane-aligned), else its own
+        sizes = {name: b for name, b in (("block_q", block_q), ("block_kv", block_kv)) if t % b == 0 and b % 128 == 0}
         return splash_attention(q, k, v, mask, scale=scale, logit_softcap=logit_softcap,
-                                sliding_window=sliding_window, is_sliding=is_sliding,
-                                block_sizes={"block_q": block_q, "block_kv": block_kv})
+                                sliding_window=sliding_window, is_sliding=is_sliding, block_sizes=sizes)
     window = window_of(sliding_window, is_sliding)
     if chosen == "cudnn":
         return cudnn_attention(q, k, v, mask, scale=scale, window=window)
