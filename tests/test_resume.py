@@ -63,18 +63,20 @@ def wait_for_checkpoint(run_dir, step, proc, timeout=300):
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tiny_model, tmp_path):
+    """With gradient accumulation (4 micro-batches of 8 rows) and packed sequences, as long-trace runs use."""
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    out = subprocess.run(train_cmd(tiny_model, straight), env=env(), cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    extra = ("--grpo.micro_batch_size=8", "--grpo.pack_sequences=true")
+    out = subprocess.run(train_cmd(tiny_model, straight, 6, *extra), env=env(), cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
-    proc = subprocess.Popen(train_cmd(tiny_model, killed), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_cmd(tiny_model, killed, 6, *extra), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_for_checkpoint(killed, 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    out = subprocess.run(train_cmd(tiny_model, killed), env=env(), cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(train_cmd(tiny_model, killed, 6, *extra), env=env(), cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from checkpoint" in out.stdout
 
