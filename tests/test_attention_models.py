@@ -36,12 +36,13 @@ def random_params(config, seed=0):
     return jax.tree.map(lambda x: x * 3.0 + 0.1 * jax.random.normal(next(keys), x.shape), params)
 
 
-def logits_and_grads(config, params, tokens, mask):
+def logits_and_grads(config, params, tokens, mask, mesh=None):
     positions = tf.positions_from_mask(mask)
     cot = jax.random.normal(jax.random.PRNGKey(7), tokens.shape + (config.vocab_size,)) * mask[..., None]
 
     def loss(p):
-        logits, _ = tf.apply(config, p, tokens, positions, mask)
+        with tf.shard_activations(mesh):  # rows split over the mesh, as the trainer's steps run
+            logits, _ = tf.apply(config, p, tokens, positions, mask)
         return jnp.sum(logits * cot), logits
 
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
@@ -96,8 +97,14 @@ def test_splash_decoder_equals_dense_in_interpret_mode():
     params = random_params(dense)
     tokens, mask = left_padded_batch(lengths=(128, 70))
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
-    assert_same(logits_and_grads(dense, params, tokens, mask), logits_and_grads(splash, params, tokens, mask),
-                mask, "splash")
+    want = logits_and_grads(dense, params, tokens, mask)
+    assert_same(want, logits_and_grads(splash, params, tokens, mask), mask, "splash")
+    # on a mesh the kernel runs per device on its rows (shard_map): the same numbers
+    from grpo_jax import sharding
+    from grpo_jax.config import load_config
+
+    mesh = sharding.make_mesh(load_config(None, ["--mesh.data=1", "--mesh.fsdp=2"]).mesh, jax.devices()[:2])
+    assert_same(want, logits_and_grads(splash, params, tokens, mask, mesh), mask, "splash on a mesh")
 
 
 def test_auto_and_fallbacks_choose_as_documented(caplog):

@@ -425,14 +425,37 @@ def _why_not(impl, q, k, mask, logit_softcap) -> Optional[str]:
     return None
 
 
+def _per_device_rows(kernel, mesh, q, k, v, mask: AttentionMask, is_sliding):
+    """kernel(q, k, v, mask, is_sliding) under shard_map, each device on its own rows (data x fsdp).
+
+    A Pallas kernel has no partitioning rule: left to the partitioner, every device would gather
+    and compute the whole batch. Falls back to the plain call when the rows do not divide."""
+    from jax.sharding import PartitionSpec
+
+    from grpo_jax.sharding import BATCH, data_parallel_size
+
+    if mesh is None or q.shape[0] % data_parallel_size(mesh):
+        return kernel(q, k, v, mask, is_sliding)
+    rows, whole = PartitionSpec(BATCH), PartitionSpec()
+    seg = None if mask.q_segments is None else rows
+    mask_specs = AttentionMask(whole, whole, rows, seg, seg)
+    flag = None if is_sliding is None else jnp.asarray(is_sliding)
+    mapped = jax.shard_map(kernel, mesh=mesh, in_specs=(rows, rows, rows, mask_specs, None if flag is None else whole),
+                           out_specs=rows, check_vma=False)
+    return mapped(q, k, v, mask, flag)
+
+
 def attend(q, k, v, mask: AttentionMask, *, impl: str = "auto", scale: float, logit_softcap: Optional[float] = None,
-           sliding_window: Optional[int] = None, is_sliding=None, block_q: int = 512, block_kv: int = 512) -> jax.Array:
+           sliding_window: Optional[int] = None, is_sliding=None, block_q: int = 512, block_kv: int = 512,
+           mesh=None) -> jax.Array:
     """Attention by the backend `impl` names (model.attention_impl), each computing `dense_attention`'s result.
 
     auto: splash on TPU, cuDNN on GPU where it applies, else blockwise; on CPU dense up to
     DENSE_MAX_KEYS_ON_CPU keys, blockwise beyond. A backend asked for by name that cannot run
     this call falls back to blockwise and logs why, once per reason.
     sliding_window / is_sliding: the model's window and this layer's (possibly traced) flag.
+    mesh: the mesh whose data x fsdp axes split the rows (the trainer's `shard_activations`); the
+    splash kernel then runs per device on its rows (shard_map).
     """
     chosen, why = resolve_impl(impl, q, k, mask, logit_softcap)
     if why:
@@ -442,8 +465,10 @@ def attend(q, k, v, mask: AttentionMask, *, impl: str = "auto", scale: float, lo
 
         t = q.shape[1]  # the configured blocks where the kernel takes them (dividing T, lane-aligned), else its own
         sizes = {name: b for name, b in (("block_q", block_q), ("block_kv", block_kv)) if t % b == 0 and b % 128 == 0}
-        return splash_attention(q, k, v, mask, scale=scale, logit_softcap=logit_softcap,
-                                sliding_window=sliding_window, is_sliding=is_sliding, block_sizes=sizes)
+        kernel = lambda q, k, v, mask, flag: splash_attention(  # noqa: E731
+            q, k, v, mask, scale=scale, logit_softcap=logit_softcap, sliding_window=sliding_window,
+            is_sliding=flag, block_sizes=sizes)
+        return _per_device_rows(kernel, mesh, q, k, v, mask, is_sliding)
     window = window_of(sliding_window, is_sliding)
     if chosen == "cudnn":
         return cudnn_attention(q, k, v, mask, scale=scale, window=window)

@@ -399,7 +399,8 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
     tokens of its own segment; positions then restart per segment (the caller's)."""
     c = config
     cd = c.compute_jnp_dtype
-    rows = _rows_constraint(_ACTIVATION_MESH.get() if cache is None else None)
+    mesh = _ACTIVATION_MESH.get() if cache is None else None
+    rows = _rows_constraint(mesh)
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
     mask = jnp.asarray(attention_mask).astype(jnp.bool_)
@@ -427,7 +428,7 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
     mixed_sliding = any_sliding and not all(sliding_flags)
     attend = functools.partial(A.attend, impl=c.attention_impl, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap,
                                sliding_window=c.sliding_window if any_sliding else None,
-                               block_q=c.attention_block_q, block_kv=c.attention_block_kv)
+                               block_q=c.attention_block_q, block_kv=c.attention_block_kv, mesh=mesh)
 
     # rotary tables
     inv_freq = L.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_type, c.rope_factor, c.rope_low_freq_factor,
