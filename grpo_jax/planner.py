@@ -14,6 +14,12 @@ and buffer reuse differ from TPU / GPU (usually more temp, never less of the
 resident state). Run the same command on the accelerator itself for its own
 compiler's numbers; the resident bytes (params, optimizer, reference) are exact.
 
+With a device memory to fit, it also finds the largest micro-batch (grpo.micro_batch_size)
+whose programs fit, by compiling candidates (`fit_micro_batch`); a run with
+micro_batch_size=auto does the same at start-up on its own devices
+(`resolve_auto_micro_batch`). Targets (`parse_target`: h100x1, v5e-8, ...) name the
+hardware a config is sized for (run.sized_for).
+
 `python -m launch plan` is the command-line face (see launch/plan.py).
 """
 

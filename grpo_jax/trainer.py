@@ -113,6 +113,8 @@ def completion_logprobs(forward: Callable, params, batch: Batch, temperature: fl
     (issue 9: the update step's temp for Qwen2.5-0.5B at 64 x 1024 tokens on fsdp=8 went
     from 33.0 to 23.0 GiB per device; BENCHMARKS.md).
     Any other forward returns logits, which are then read a chunk at a time.
+    A packed batch (segment_ids set) is read packed and each completion gathered out of it;
+    blocks: the row blocks over devices (`gather_completions`).
     """
     n = batch.completion_mask.shape[1]
     config = _decoder_config(forward)
