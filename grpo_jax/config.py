@@ -486,6 +486,11 @@ def _type_name(tp) -> str:
 # ---------------------------------------------------------------- validation
 
 
+def minibatch_rows(cfg: Config) -> int:
+    """Rows (completions) of one optimizer update: data.batch_size x rollout.group_size / grpo.num_minibatches."""
+    return cfg.data.batch_size * cfg.rollout.group_size // max(cfg.grpo.num_minibatches, 1)
+
+
 def validate(cfg: Config) -> None:
     """Combinations that type checks cannot catch; each says why it is wrong."""
     r, g, o, d = cfg.rollout, cfg.grpo, cfg.optim, cfg.data
@@ -527,7 +532,7 @@ def validate(cfg: Config) -> None:
     need(cfg.model.attention_block_q >= 1 and cfg.model.attention_block_kv >= 1,
          "model.attention_block_q and model.attention_block_kv must be >= 1")
     need(cfg.model.mlp_chunk_size >= 0, "model.mlp_chunk_size must be >= 0 (0: the whole sequence at once)")
-    mb, minibatch = g.micro_batch_size, d.batch_size * r.group_size // max(g.num_minibatches, 1)
+    mb, minibatch = g.micro_batch_size, minibatch_rows(cfg)
     need(mb == "auto" or (isinstance(mb, int) and mb >= 0),
          f"grpo.micro_batch_size={mb!r} must be a number of rows >= 0 (0: the whole minibatch) or auto")
     need(not isinstance(mb, int) or mb == 0 or minibatch % mb == 0,

@@ -28,7 +28,7 @@ from flax import nnx
 
 from grpo_jax import distributed, packing, sharding
 from grpo_jax.checkpoint import Checkpointer, abstract_like
-from grpo_jax.config import CheckpointConfig, Config, announce_config, to_dict
+from grpo_jax.config import CheckpointConfig, Config, announce_config, minibatch_rows, to_dict
 from grpo_jax.data import PromptFormatter, batches, load_dataset
 from grpo_jax.evaluate import evaluate
 from grpo_jax.metrics import MetricsLogger, plot_run, truncate_metrics
@@ -36,7 +36,7 @@ from grpo_jax.models import transformer as tf
 from grpo_jax.models.hf import load_converted, load_hf, load_tokenizer
 from grpo_jax.objective import group_advantages
 from grpo_jax.optim import make_optimizer
-from grpo_jax.planner import resolve_auto_micro_batch
+from grpo_jax.planner import micro_batch_candidates, resolve_auto_micro_batch
 from grpo_jax.rewards import RewardError, RewardSet
 from grpo_jax.rewards.compute import RewardResult
 from grpo_jax.rollout import Rollout, SamplingParams, bucket_length, generate_rows, pad_prompts_left
@@ -216,11 +216,11 @@ class Run(Generation):
             self.cfg = cfg
             if self.is_main:
                 print(line, flush=True)
-        dp, micro = sharding.data_parallel_size(self.mesh), cfg.grpo.micro_batch_size
-        minibatch = cfg.data.batch_size * cfg.rollout.group_size // cfg.grpo.num_minibatches
-        if micro and micro < minibatch and micro % dp:
-            raise ValueError(f"grpo.micro_batch_size={micro} does not split over the mesh's data x fsdp = {dp} "
-                             "devices (each device takes a share of every micro-batch); use a multiple of it or auto")
+        micro = cfg.grpo.micro_batch_size
+        if micro and micro not in micro_batch_candidates(cfg, self.mesh):
+            raise ValueError(f"grpo.micro_batch_size={micro} does not split over the mesh's data x fsdp = "
+                             f"{sharding.data_parallel_size(self.mesh)} devices (each device takes a share of every "
+                             "micro-batch); use a multiple of it or auto")
         updates = max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
         self.optimizer = make_optimizer(cfg.optim, updates)
         self.train_data = load_dataset(cfg.data, cfg.data.split, cfg.run.seed)
@@ -367,7 +367,7 @@ class Run(Generation):
         rounded up to a bucket (packing.bucket_rows), so a run compiles a few packed shapes (each one is logged)."""
         cfg = self.cfg
         devices = sharding.data_parallel_size(self.mesh) // jax.process_count()
-        micro = micro_batch_count(cfg, cfg.data.batch_size * cfg.rollout.group_size)
+        micro = micro_batch_count(cfg, minibatch_rows(cfg))  # one minibatch: packing needs num_minibatches=1
         length = cfg.grpo.pack_length or prompt_ids.shape[1] + completion_ids.shape[1]
         lengths = np.asarray(prompt_mask).sum(1) + np.asarray(completion_mask).sum(1)
         units = devices * micro

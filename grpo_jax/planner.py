@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax import sharding as shd
-from grpo_jax.config import Config
+from grpo_jax.config import Config, minibatch_rows
 from grpo_jax.models import transformer as tf
 
 GiB = 1024 ** 3
@@ -335,15 +335,15 @@ def with_completion_length(cfg: Config, length: int) -> Config:
 def micro_batch_candidates(cfg: Config, mesh) -> list[int]:
     """Micro-batch sizes an update can run at, ascending: divisors of the minibatch rows that split
     evenly over the mesh's data x fsdp devices (each device then holds a share of every micro-batch)."""
-    minibatch = cfg.data.batch_size * cfg.rollout.group_size // cfg.grpo.num_minibatches
+    minibatch = minibatch_rows(cfg)
     dp = shd.data_parallel_size(mesh)
     return [m for m in range(1, minibatch + 1) if minibatch % m == 0 and (m % dp == 0 or m == minibatch)]
 
 
 def with_micro_batch(cfg: Config, size: int) -> Config:
     """cfg with grpo.micro_batch_size = size (0 when size is the whole minibatch: no accumulation)."""
-    minibatch = cfg.data.batch_size * cfg.rollout.group_size // cfg.grpo.num_minibatches
-    return dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, micro_batch_size=0 if size >= minibatch
+    no_accumulation = size >= minibatch_rows(cfg)
+    return dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, micro_batch_size=0 if no_accumulation
                                                              else size))
 
 
@@ -368,7 +368,7 @@ class _Abstract:
             out["logps"] = _with_peak(compile_stats(steps[0], self.state, batch), self.resident,
                                       bytes_per_device(batch))
         if "update" in which:
-            mb = abstract_batch(cfg, self.mesh, rows // cfg.grpo.num_minibatches, with_old, with_ref)
+            mb = abstract_batch(cfg, self.mesh, minibatch_rows(cfg), with_old, with_ref)
             out["update"] = _with_peak(compile_stats(steps[1], self.state, mb), self.resident, bytes_per_device(mb))
         return out
 
@@ -414,7 +414,7 @@ def resolve_auto_micro_batch(cfg: Config, model_config: tf.TransformerConfig, me
     compiled against the real devices' compiler). On CPU there is no device limit to fit: the
     whole minibatch runs at once.
     """
-    minibatch = cfg.data.batch_size * cfg.rollout.group_size // cfg.grpo.num_minibatches
+    minibatch = minibatch_rows(cfg)
     device = jax.local_devices()[0]  # one this process can ask; every process then takes the smallest answer
     memory = device_memory_bytes(device)
     if memory is None:
@@ -459,7 +459,7 @@ def plan(cfg: Config, model_config: tf.TransformerConfig, mesh, *, programs=("ro
     opt_b = bytes_per_device(state.opt_state)
     ref_b = bytes_per_device(state.ref_params) if state.ref_params is not None else 0
     kv_total, kv_dev = kv_cache_bytes(model_config, rows, P + N, mesh)
-    minibatch = rows // cfg.grpo.num_minibatches
+    minibatch = minibatch_rows(cfg)
     report: dict[str, Any] = {
         "model": {"num_params": model_config.num_params(), "param_dtype": model_config.param_dtype,
                   "compute_dtype": model_config.compute_dtype, "remat": model_config.remat_policy,
@@ -491,8 +491,11 @@ def plan(cfg: Config, model_config: tf.TransformerConfig, mesh, *, programs=("ro
     if step_programs and device_memory and (auto or search_micro_batch):
         fit = fit_micro_batch(cfg, model_config, mesh, device_memory, progress, abstract)
         report["micro_batch"] = {"fits": fit["size"], "tried_peaks": fit["tried"], "minibatch_rows": minibatch}
-    if auto:  # the steps run at the size that fits (the smallest candidate when none does)
-        size = fit["size"] if fit and fit["size"] else micro_batch_candidates(cfg, mesh)[0] if fit else minibatch
+    if auto:  # the steps run at the size that fits, the smallest candidate when none does (as a run would)
+        if fit is None:  # no device memory to fit against
+            size = minibatch
+        else:
+            size = fit["size"] or micro_batch_candidates(cfg, mesh)[0]
         cfg = with_micro_batch(cfg, size)
         report["micro_batch"] = dict(report.get("micro_batch", {}), auto_resolves_to=size)
     report["batch"]["micro_batch_rows"] = cfg.grpo.micro_batch_size or minibatch
@@ -575,8 +578,7 @@ def compare_logprob_variants(model_config, cfg: Config, mesh, params=None, seq_c
     """
     if params is None:
         params, _ = abstract_params(model_config, mesh)
-    rows = cfg.data.batch_size * cfg.rollout.group_size // cfg.grpo.num_minibatches
-    batch = abstract_batch(cfg, mesh, rows, False, False)
+    batch = abstract_batch(cfg, mesh, minibatch_rows(cfg), False, False)
     out = {}
     for name, fn in logprob_variants(model_config, cfg.rollout.temperature or 1.0, seq_chunk).items():
         def loss(p, b, fn=fn):

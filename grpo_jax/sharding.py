@@ -115,6 +115,14 @@ def rows_sharding(x, mesh: Mesh) -> NamedSharding:
     return replicated(mesh)
 
 
+def pin_rows(tree, mesh: Optional[Mesh]):
+    """Inside jit: every array of `tree` constrained to rows split over data x fsdp (`rows_sharding`);
+    the tree unchanged without a mesh."""
+    if mesh is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows_sharding(x, mesh)), tree)
+
+
 def shard_rows(tree, mesh: Mesh):
     """device_put every array of a host batch with its rows split over the data axes."""
     return jax.tree.map(lambda x: jax.device_put(x, rows_sharding(x, mesh)), tree)

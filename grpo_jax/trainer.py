@@ -189,8 +189,7 @@ def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: 
     temperature = cfg.rollout.temperature or 1.0
     grpo = cfg.grpo
     mesh = _mesh_of(state_shardings)
-    pin_rows = (lambda tree: tree) if mesh is None else (  # a micro-batch keeps its rows split over the mesh
-        lambda tree: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding.rows_sharding(x, mesh)), tree))
+    pin_rows = functools.partial(sharding.pin_rows, mesh=mesh)  # a micro-batch keeps its rows split over the mesh
     blocks = 1 if mesh is None else sharding.data_parallel_size(mesh)  # row blocks over devices (packed gathers)
     logprobs = functools.partial(completion_logprobs, forward, temperature=temperature, blocks=blocks)
 

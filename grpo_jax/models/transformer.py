@@ -384,11 +384,9 @@ def shard_activations(mesh: jax.sharding.Mesh | None):
 
 def _rows_constraint(mesh):
     """x -> x with its leading (batch) axis split over data x fsdp, the rest replicated; identity without a mesh."""
-    if mesh is None:
-        return lambda x: x
-    from grpo_jax.sharding import rows_sharding
+    from grpo_jax.sharding import pin_rows
 
-    return lambda x: jax.lax.with_sharding_constraint(x, rows_sharding(x, mesh))
+    return lambda x: pin_rows(x, mesh)
 
 
 def apply(config: TransformerConfig, params: dict, tokens, positions, attention_mask,
