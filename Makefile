@@ -4,17 +4,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test install install-dev smollm2 clean help bench bench-peers
+.PHONY: demo test lint format install install-dev smollm2 clean help bench bench-peers
 
 help:
 	@echo "make demo   install into .venv and run the built-in default job (make demo ARGS=--run.seed=1)"
 	@echo "make test   install dev requirements into .venv and run the test suite"
+	@echo "make lint   ruff (config in pyproject.toml) and the import-cycle check"
 
-$(VENV)/.runtime: requirements.txt
+# the pinned requirements, then the package itself (editable: `import grpo_jax` works from any folder)
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "grpo_jax needs Python >= 3.11, found " + sys.version.split()[0]'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
@@ -26,6 +29,13 @@ install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.runtime
 	$(PY) -m launch demo --config configs/demo.yaml $(ARGS)
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(PY) -m tests.tools.import_graph
+
+format: $(VENV)/.dev
+	$(VENV)/bin/ruff check --fix .
 
 test: $(VENV)/.dev
 	-@$(MAKE) --no-print-directory smollm2 || echo "SmolLM2 GGUF not available: its tests will skip"

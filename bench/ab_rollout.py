@@ -33,14 +33,14 @@ import jax, numpy as np
 from flax import nnx
 from bench import grpo_step
 from bench.peers import common
-from grpo_jax.models import transformer as tf
+from grpo_jax.models import transformer
 from grpo_jax.rollout import SamplingParams, generate
-assert os.path.realpath(tf.__file__).startswith(os.path.realpath(repo)), tf.__file__
+assert os.path.realpath(transformer.__file__).startswith(os.path.realpath(repo)), transformer.__file__
 w = common.WORKLOADS[name]
 w = dataclasses.replace(w, prompts=prompts or w.prompts, group=group or w.group)
 config = grpo_step.model_config(w)
-params = nnx.to_pure_dict(nnx.state(tf.Transformer(config, rngs=nnx.Rngs(common.SEED)), nnx.Param))
-forward, init_cache = functools.partial(tf.apply, config), functools.partial(tf.init_cache, config)
+params = nnx.to_pure_dict(nnx.state(transformer.Transformer(config, rngs=nnx.Rngs(common.SEED)), nnx.Param))
+forward, init_cache = functools.partial(transformer.apply, config), functools.partial(transformer.init_cache, config)
 sampling = SamplingParams(w.new_tokens, temperature=1.0, stop_token_ids=(), pad_token_id=0)
 ids = np.asarray(common.random_prompts(w), np.int32)
 mask = np.ones(ids.shape, bool)

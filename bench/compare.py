@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         line += f"{firsts:>26}{rss:>24}"
         print(line)
     print(f"(first step and RSS: {' / '.join(['grpo_jax', *peers])})")
-    for name, doc in docs.items():
+    for doc in docs.values():
         common.print_table(doc)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -26,7 +26,6 @@ Each workload runs in its own subprocess, so its peak RSS (ru_maxrss) is its own
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
@@ -39,9 +38,9 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def model_config(w: common.Workload):
-    from grpo_jax.models import transformer as tf
+    from grpo_jax.models import transformer
 
-    return tf.TransformerConfig(
+    return transformer.TransformerConfig(
         vocab_size=w.vocab, hidden_size=w.hidden, intermediate_size=w.mlp, num_layers=w.layers, num_heads=w.heads,
         num_kv_heads=w.kv_heads, head_dim=w.head_dim, rope_theta=w.rope_theta, rms_norm_eps=w.rms_norm_eps,
         tie_word_embeddings=True, qkv_bias=w.qkv_bias, max_position_embeddings=4096,
@@ -71,7 +70,7 @@ def run_workload(w: common.Workload, steps: int, matmul_gflops: float, micro_bat
     from flax import nnx
 
     from grpo_jax import sharding
-    from grpo_jax.models import transformer as tf
+    from grpo_jax.models import transformer
     from grpo_jax.objective import group_advantages
     from grpo_jax.optim import make_optimizer
     from grpo_jax.rollout import SamplingParams, generate
@@ -84,17 +83,17 @@ def run_workload(w: common.Workload, steps: int, matmul_gflops: float, micro_bat
     # set up as loop.Run does: a mesh, the train state placed in its shardings, steps with fixed out shardings
     config, cfg = model_config(w), run_config(w, micro_batch)
     mesh = sharding.make_mesh(cfg.mesh)
-    model = tf.Transformer(config, rngs=nnx.Rngs(common.SEED))
+    model = transformer.Transformer(config, rngs=nnx.Rngs(common.SEED))
     params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                            tf.param_shardings(model, mesh, sharding.DEFAULT_RULES))
-    forward = functools.partial(tf.apply, config)
-    init_cache = functools.partial(tf.init_cache, config)
+                            transformer.param_shardings(model, mesh, sharding.DEFAULT_RULES))
+    decoder = transformer.Decoder(config)
+    forward, init_cache = decoder, decoder.init_cache
     optimizer = make_optimizer(cfg.optim, steps)
     state = init_train_state(params, optimizer, jax.random.PRNGKey(common.SEED), keep_reference=w.beta != 0)
     state_shardings = sharding.train_state_shardings(state, optimizer, jax.tree.map(lambda x: x.sharding, params),
                                                      mesh)
     state = jax.device_put(state, state_shardings)
-    logps_step, update_step = make_steps(forward, optimizer, cfg, state_shardings)
+    logps_step, update_step = make_steps(decoder, optimizer, cfg, state_shardings)
     sampling = SamplingParams(w.new_tokens, temperature=1.0, stop_token_ids=(), pad_token_id=0)
     prompt_ids = np.asarray(common.random_prompts(w), np.int32)
     prompt_mask = np.ones(prompt_ids.shape, bool)

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     seconds_of = {shape: r["ms"] / 1e3 for shape, r in rates.items()}
 
     print(f"square product: {peak / 1e9:.0f} GFLOP/s; each shape alone (M x K x N: ms, GFLOP/s):")
-    for shape, r in rates.items():
+    for r in rates.values():
         print(f"  {r['shape']:>18}  {r['ms']:9.3f} ms  {r['gflops']:6.1f}")
     result = {"matmul_gflops": peak / 1e9, "shapes": list(rates.values()), "workloads": {}}
     print(f"\n{'workload':<9}{'phase':<10}{'GFLOP':>9}{'floor s':>10}{'kernel s':>10}{'kernel/floor':>13}"

@@ -3,8 +3,8 @@
 SmolLM2-135M's shape (random weights, float32; `--layers` of its 30), 8 prompts x G=4 = 32 rows,
 64-token prompts, completion lengths drawn from a long-tailed log-normal distribution (median 160
 tokens, one at the cap) capped at 1,024, the same lengths for every variant. Only the update
-step (one AdamW step, beta 0, grpo loss, model.remat=full by default) is timed: rollouts of 1,024 tokens are minutes on a CPU
-and not what packing changes.
+step (one AdamW step, beta 0, grpo loss, model.remat=full by default) is timed: rollouts of 1,024
+tokens are minutes on a CPU and not what packing changes.
 
   padded     one sequence per row, [32, 64 + 1024], attention_impl=auto (dense at this length on CPU)
   packed     grpo.pack_sequences: the same sequences end to end in rows of 1,088 tokens
@@ -19,7 +19,6 @@ variants so a machine that drifts lands on all of them.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -51,21 +50,21 @@ def run_variant(variant: str, steps: int, layers: int, remat: str) -> dict:
 
     from grpo_jax import packing
     from grpo_jax.config import load_config
-    from grpo_jax.models import transformer as tf
+    from grpo_jax.models import transformer
     from grpo_jax.optim import make_optimizer
     from grpo_jax.trainer import assemble_batch, init_train_state, make_steps, packed_batch
 
-    config = tf.TransformerConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=layers,
+    config = transformer.TransformerConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=layers,
                                   num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100_000.0,
                                   tie_word_embeddings=True, max_position_embeddings=4096, remat_policy=remat,
                                   attention_impl="blockwise" if variant == "blockwise" else "auto")
     cfg = load_config(None, [f"--data.batch_size={ROWS // GROUP}", f"--rollout.group_size={GROUP}",
                              f"--rollout.max_completion_length={MAX_COMPLETION}", "--grpo.beta=0",
                              f"--grpo.pack_sequences={str(variant == 'packed').lower()}"])
-    model = tf.Transformer(config, rngs=nnx.Rngs(0))
+    model = transformer.Transformer(config, rngs=nnx.Rngs(0))
     optimizer = make_optimizer(cfg.optim, steps)
     state = init_train_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)), optimizer, jax.random.PRNGKey(0), False)
-    update = make_steps(functools.partial(tf.apply, config), optimizer, cfg)[1]
+    update = make_steps(transformer.Decoder(config), optimizer, cfg).update
 
     rng = np.random.default_rng(1)
     lengths = completion_lengths()
@@ -137,8 +136,8 @@ def main(argv=None) -> int:
                       f"peak RSS {summary[v]['peak_rss_mb'] / base['peak_rss_mb']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"lengths": completion_lengths().tolist(), "layers": args.layers, "remat": args.remat, "rows": rows,
-                       "summary": summary}, f, indent=2)
+            json.dump({"lengths": completion_lengths().tolist(), "layers": args.layers, "remat": args.remat,
+                       "rows": rows, "summary": summary}, f, indent=2)
     return 0
 
 

@@ -36,7 +36,7 @@ import jax  # noqa: E402
 
 from grpo_jax import planner, sharding  # noqa: E402
 from grpo_jax.config import load_config  # noqa: E402
-from grpo_jax.models import transformer as tf  # noqa: E402
+from grpo_jax.models import transformer  # noqa: E402
 
 OVERRIDES = ["--data.batch_size=8", "--rollout.group_size=8", "--rollout.max_prompt_length=512",
              "--rollout.max_completion_length=512", "--rollout.prompt_length_buckets=[512]", "--grpo.beta=0.0",
@@ -53,7 +53,7 @@ def measure(preset: str) -> dict:
     report = planner.plan(cfg, model_config, mesh, programs=("update",), progress=progress)
     # the variants traced as the train step traces the model: activation rows split over the devices
     # (without it XLA may follow the fsdp-sharded weights and compute every row on every device)
-    with tf.shard_activations(mesh):
+    with transformer.shard_activations(mesh):
         progress("compiling log-prob variants")
         variants = {k: v["temp"] for k, v in planner.compare_logprob_variants(model_config, cfg, mesh).items()}
     return {"preset": preset, "rows": 64, "tokens": 1024, "devices": DEVICES,

@@ -28,17 +28,17 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.peak import matmul_flops_per_s, memory_bytes_per_s  # noqa: E402
-from grpo_jax.models import transformer as tf  # noqa: E402
+from grpo_jax.models import transformer  # noqa: E402
 from grpo_jax.rollout import SamplingParams, generate  # noqa: E402
 
-SMOLLM2 = tf.TransformerConfig(
+SMOLLM2 = transformer.TransformerConfig(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
     head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192)
 PROMPT, NEW, TOP_K = 64, 128, 50
 CASES = {16: (4, 4), 64: (8, 8)}
 
 
-def floor_seconds(cfg: tf.TransformerConfig, prompts: int, group: int, flops_per_s: float, bytes_per_s: float):
+def floor_seconds(cfg: transformer.TransformerConfig, prompts: int, group: int, flops_per_s: float, bytes_per_s: float):
     """(compute floor, bandwidth floor) of prefilling `prompts` once and decoding NEW tokens for prompts*group rows."""
     D, F, H, K, Dh, V, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                             cfg.vocab_size, cfg.num_layers)
@@ -56,10 +56,10 @@ def prompts_for(n: int, seed: int = 0) -> np.ndarray:
 
 
 def make_ours(prompts: np.ndarray, group: int):
-    model = tf.Transformer(SMOLLM2, rngs=nnx.Rngs(0))
+    model = transformer.Transformer(SMOLLM2, rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    forward = functools.partial(tf.apply, SMOLLM2)
-    init_cache = functools.partial(tf.init_cache, SMOLLM2)
+    forward = functools.partial(transformer.apply, SMOLLM2)
+    init_cache = functools.partial(transformer.init_cache, SMOLLM2)
     sp = SamplingParams(NEW, temperature=1.0, top_k=TOP_K, pad_token_id=0)
     mask = np.ones(prompts.shape, bool)
 
@@ -79,9 +79,10 @@ def make_torch(prompts: np.ndarray, group: int):
 
     c = SMOLLM2
     hf = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                     num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-                     head_dim=c.head_dim, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=True,
-                     max_position_embeddings=8192, pad_token_id=0, eos_token_id=None, bos_token_id=None)
+                     num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                     num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
+                     rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=True, max_position_embeddings=8192,
+                     pad_token_id=0, eos_token_id=None, bos_token_id=None)
     torch.manual_seed(0)
     model = LlamaForCausalLM(hf).eval()
     ids = torch.tensor(np.repeat(prompts, group, axis=0), dtype=torch.long)
@@ -141,7 +142,8 @@ def main(argv=None) -> int:
         results.append(res)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}), flush=True)
     print(f"\nrollout, SmolLM2-135M shape, f32, prompt {PROMPT}, {NEW} new tokens forced; "
-          f"matmul {flops_per_s / 1e9:.0f} GFLOP/s, memory {bytes_per_s / 1e9:.1f} GB/s, {jax.devices()[0].device_kind}")
+          f"matmul {flops_per_s / 1e9:.0f} GFLOP/s, memory {bytes_per_s / 1e9:.1f} GB/s, "
+          f"{jax.devices()[0].device_kind}")
     print(f"{'rows':>5} {'floor s':>8} {'ours s':>8} {'ours tok/s':>11} {'x floor':>8} {'torch s':>8} "
           f"{'torch tok/s':>12} {'torch/ours':>10}")
     for r in results:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import functools
 import glob
 import gzip
 import json
@@ -40,21 +39,21 @@ def build(w: common.Workload):
     from flax import nnx
 
     from grpo_jax import sharding
-    from grpo_jax.models import transformer as tf
+    from grpo_jax.models import transformer
     from grpo_jax.optim import make_optimizer
     from grpo_jax.trainer import assemble_batch, init_train_state, make_steps
 
     config, cfg = model_config(w), run_config(w)
     cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, beta=0.0))
     mesh = sharding.make_mesh(cfg.mesh)
-    model = tf.Transformer(config, rngs=nnx.Rngs(common.SEED))
+    model = transformer.Transformer(config, rngs=nnx.Rngs(common.SEED))
     params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                            tf.param_shardings(model, mesh, sharding.DEFAULT_RULES))
+                            transformer.param_shardings(model, mesh, sharding.DEFAULT_RULES))
     optimizer = make_optimizer(cfg.optim, 1000)
     state = init_train_state(params, optimizer, jax.random.PRNGKey(common.SEED), keep_reference=False)
     shardings = sharding.train_state_shardings(state, optimizer, jax.tree.map(lambda x: x.sharding, params), mesh)
     state = jax.device_put(state, shardings)
-    _, update = make_steps(functools.partial(tf.apply, config), optimizer, cfg, shardings)
+    update = make_steps(transformer.Decoder(config), optimizer, cfg, shardings).update
     rng = np.random.default_rng(common.SEED)
     prompts = rng.integers(1, w.vocab, (w.rows, w.prompt_len)).astype(np.int32)
     completions = rng.integers(1, w.vocab, (w.rows, w.new_tokens)).astype(np.int32)
@@ -101,7 +100,8 @@ def describe_ops(hlo_text: str) -> dict[str, str]:
 def busy_ms(events: list[dict], steps: int) -> float:
     """Milliseconds per step during which at least one thread ran an op (sum minus the overlap)."""
     total, end = 0.0, None
-    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in events if not e["name"].startswith("PjitFunction")):
+    spans = ((e["ts"], e["ts"] + e["dur"]) for e in events if not e["name"].startswith("PjitFunction"))
+    for start, stop in sorted(spans):
         if end is None or start > end:
             total, end = total + (stop - start), stop
         elif stop > end:

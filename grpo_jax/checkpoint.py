@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from grpo_jax.config import CheckpointConfig
+from grpo_jax.config import CheckpointConfig, load_config
 
 log = logging.getLogger("grpo_jax.checkpoint")
 
@@ -114,3 +114,37 @@ class Checkpointer:
 def abstract_like(state: Any) -> Any:
     """The shape/dtype/sharding skeleton of a state, for `restore_latest`."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def checkpoint_params(run_dir: str | os.PathLike, step: Optional[int] = None, best: bool = False) -> tuple[Any, int]:
+    """The policy params saved in a training run's checkpoint: the newest, a given step, or the best.
+
+    "Best" is by the run's checkpoint.keep_best_metric over the evaluations it recorded
+    (checkpoint.keep_best_mode says whether higher or lower wins).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints").is_dir():
+        raise ValueError(f"{run_dir} is not a training run directory (no checkpoints/ inside)")
+    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
+    ckpt = Checkpointer(run_dir, cfg.checkpoint if cfg else CheckpointConfig())
+    steps = ckpt.steps()
+    if not steps:
+        raise ValueError(f"{run_dir}: no complete checkpoint to read")
+    if best:
+        metric = cfg.checkpoint.keep_best_metric if cfg else None
+        if not metric:
+            raise ValueError(f"{run_dir}: --best needs checkpoint.keep_best_metric in the run's config")
+        _, meta = ckpt.read(steps[-1])
+        scored = [(e["step"], e[metric]) for e in meta.get("eval_history", [])
+                  if e.get("step") in steps and e.get(metric) is not None]
+        if not scored:
+            raise ValueError(f"{run_dir}: no checkpoint has a recorded {metric}")
+        pick = max if cfg.checkpoint.keep_best_mode == "max" else min
+        step = pick(scored, key=lambda item: item[1])[0]
+    elif step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(f"{run_dir}: no checkpoint for step {step}; have {steps}")
+    state, _ = ckpt.read(step)
+    ckpt.close()
+    return state["params"], step

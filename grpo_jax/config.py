@@ -26,6 +26,23 @@ from omegaconf.errors import OmegaConfBaseException
 
 DType = Literal["float32", "bfloat16"]
 
+# The allowed values of the settings other modules check too: one home, imported there.
+RematPolicy = Literal["none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                      "everything_saveable"]
+AttentionImpl = Literal["auto", "dense", "blockwise", "splash", "cudnn"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
+RewardScale = Literal["group", "batch", "none", "rloo"]
+OverlongPrompts = Literal["truncate_left", "drop"]
+OnError = Literal["stop", "none"]
+REMAT_POLICIES: tuple[str, ...] = typing.get_args(RematPolicy)
+ATTENTION_IMPLS: tuple[str, ...] = typing.get_args(AttentionImpl)
+LOSS_TYPES: tuple[str, ...] = typing.get_args(LossType)
+IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = typing.get_args(ImportanceSamplingLevel)
+REWARD_SCALES: tuple[str, ...] = typing.get_args(RewardScale)
+OVERLONG_PROMPTS: tuple[str, ...] = typing.get_args(OverlongPrompts)
+ON_ERROR: tuple[str, ...] = typing.get_args(OnError)
+
 
 class ConfigError(ValueError):
     """A config that cannot run; its message is one line meant for the user."""
@@ -41,10 +58,11 @@ class ModelConfig:
     """dtype the weights are stored and updated in."""
     compute_dtype: DType = "float32"
     """dtype of matmuls and activations; log-probs and losses are always float32."""
-    remat: Literal["none", "full", "dots_saveable", "nothing_saveable"] = "none"
+    remat: RematPolicy = "none"
     """Gradient checkpointing policy of each decoder layer ("none" keeps all activations; "full" keeps
-    only each layer's input, the residual stream, and recomputes the rest in the backward pass)."""
-    attention_impl: Literal["auto", "dense", "blockwise", "splash", "cudnn"] = "auto"
+    only each layer's input, the residual stream, and recomputes the rest in the backward pass; the
+    others are the `jax.checkpoint_policies` of that name, "full" = nothing_saveable)."""
+    attention_impl: AttentionImpl = "auto"
     """Attention backend: dense ([T, T] scores), blockwise (flash-style, O(T) memory, any backend),
     splash (Pallas TPU kernel), cudnn (GPU); auto: splash on TPU, cudnn on GPU where it applies,
     blockwise otherwise; on CPU dense up to 2048 keys. A backend that cannot run a call falls back
@@ -96,11 +114,11 @@ class GRPOConfig:
     """Upper clip range (DAPO clip-higher); defaults to epsilon."""
     delta: Optional[float] = None
     """Dual clip: cap the unclipped ratio at delta (must exceed 1 + epsilon_high); off when null."""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    loss_type: LossType = "grpo"
     """How token losses are averaged, as TRL defines them."""
-    importance_sampling_level: Literal["token", "sequence"] = "token"
+    importance_sampling_level: ImportanceSamplingLevel = "token"
     """"token": one ratio per token (GRPO); "sequence": one ratio per completion (GSPO)."""
-    scale_rewards: Literal["group", "batch", "none", "rloo"] = "group"
+    scale_rewards: RewardScale = "group"
     """Advantage: (r - group mean) / std of the group, of the batch, not scaled (Dr. GRPO), or leave-one-out (RLOO)."""
     advantage_eps: float = 1e-4
     """Added to the std before dividing."""
@@ -122,9 +140,11 @@ class GRPOConfig:
     mask_truncated_completions: bool = False
     """Exclude completions that hit max_completion_length without a stop token from the loss (DAPO)."""
     filter_zero_std_groups: bool = False
-    """Leave groups whose rewards are all equal out of the loss and its token counts (DAPO dynamic sampling, without resampling)."""
+    """Leave groups whose rewards are all equal out of the loss and its token counts (DAPO dynamic sampling,
+    without resampling)."""
     ref_sync_steps: int = 0
-    """Every N steps move the reference toward the policy: ref = alpha * policy + (1 - alpha) * ref (TR-DPO); 0: frozen."""
+    """Every N steps move the reference toward the policy: ref = alpha * policy + (1 - alpha) * ref (TR-DPO);
+    0: frozen."""
     ref_mixup_alpha: float = 0.6
     """alpha of the reference sync."""
 
@@ -179,7 +199,7 @@ class DataConfig:
     """Text put after the prompt (after the template's assistant turn start): the model
     continues from it, and rewards see it as the start of each completion. `"<think>\\n"`
     starts R1-style answers for a model that would not open the tag itself."""
-    overlong_prompts: Literal["truncate_left", "drop"] = "truncate_left"
+    overlong_prompts: OverlongPrompts = "truncate_left"
     """What to do with prompts longer than rollout.max_prompt_length."""
     shuffle: bool = True
     """Shuffle each epoch with run.seed."""
@@ -199,7 +219,7 @@ class RewardsConfig:
     """Registry names or `package.module:function` references."""
     weights: tuple[float, ...] = ()
     """One weight per function; empty means all 1."""
-    on_error: Literal["stop", "none"] = "stop"
+    on_error: OnError = "stop"
     """A reward function that raises: stop the run after a checkpoint, or count the reward as None."""
     num_workers: int = 4
     """Threads scoring completions on the host while the device works."""
@@ -268,7 +288,8 @@ class SFTConfig:
     warmup_steps: int = 20
     """Linear warmup steps."""
     completion_template: str = "{answer}"
-    """The target completion, formatted from the row's columns (e.g. "<think>{solution}</think><answer>{answer}</answer>")."""
+    """The target completion, formatted from the row's columns
+    (e.g. "<think>{solution}</think><answer>{answer}</answer>")."""
     max_completion_length: int = 64
     """Target tokens kept per example (EOS included)."""
 
@@ -453,7 +474,8 @@ def _unknown_key_message(key: str) -> str:
 @lru_cache(maxsize=None)
 def all_keys() -> tuple[str, ...]:
     """Every valid dotted key, e.g. `grpo.beta`."""
-    return tuple(f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default_factory))
+    return tuple(f"{s.name}.{f.name}" for s in dataclasses.fields(Config)
+                 for f in dataclasses.fields(s.default_factory))
 
 
 def _field(key: str):
@@ -499,7 +521,8 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    need(r.group_size >= 2, f"rollout.group_size={r.group_size}: GRPO compares completions within a group, so it needs at least 2")
+    need(r.group_size >= 2,
+         f"rollout.group_size={r.group_size}: GRPO compares completions within a group, so it needs at least 2")
     need(r.max_prompt_length > 0, "rollout.max_prompt_length must be positive")
     need(r.max_completion_length > 0, "rollout.max_completion_length must be positive")
     need(r.temperature >= 0, f"rollout.temperature={r.temperature} must be >= 0 (0 is greedy)")
@@ -514,7 +537,8 @@ def validate(cfg: Config) -> None:
     need(g.epsilon < 1, f"grpo.epsilon={g.epsilon} must be < 1, or the lower clip bound 1 - epsilon is not positive")
     need(g.epsilon_high is None or g.epsilon_high > 0, f"grpo.epsilon_high={g.epsilon_high} must be > 0")
     need(g.delta is None or g.delta > 1 + g.epsilon_upper,
-         f"grpo.delta={g.delta} must exceed 1 + epsilon_high = {1 + g.epsilon_upper}, or it caps ratios the clip already allows")
+         f"grpo.delta={g.delta} must exceed 1 + epsilon_high = {1 + g.epsilon_upper}, "
+         "or it caps ratios the clip already allows")
     need(g.advantage_eps >= 0, "grpo.advantage_eps must be >= 0")
     need(g.ref_sync_steps >= 0 and 0 < g.ref_mixup_alpha <= 1,
          "grpo.ref_sync_steps must be >= 0 and grpo.ref_mixup_alpha in (0, 1]")
@@ -528,7 +552,8 @@ def validate(cfg: Config) -> None:
          "grpo.pack_sequences needs grpo.num_minibatches=1 (use grpo.micro_batch_size to bound memory)")
     need(g.pack_length == 0 or g.pack_length >= r.max_prompt_length + r.max_completion_length,
          f"grpo.pack_length={g.pack_length} must be 0 (the padded width) or hold the longest sequence: "
-         f">= rollout.max_prompt_length + rollout.max_completion_length = {r.max_prompt_length + r.max_completion_length}")
+         ">= rollout.max_prompt_length + rollout.max_completion_length = "
+         f"{r.max_prompt_length + r.max_completion_length}")
     need(cfg.model.attention_block_q >= 1 and cfg.model.attention_block_kv >= 1,
          "model.attention_block_q and model.attention_block_kv must be >= 1")
     need(cfg.model.mlp_chunk_size >= 0, "model.mlp_chunk_size must be >= 0 (0: the whole sequence at once)")
@@ -556,7 +581,8 @@ def validate(cfg: Config) -> None:
     for target in cfg.run.sized_for:
         need(bool(re.fullmatch(r"[a-z0-9-]+?(x|-)\d+", target.strip().lower())),
              f"run.sized_for: {target!r} is not a target name like h100x1 or v5e-8")
-    need(cfg.checkpoint.every_steps >= 0 and cfg.checkpoint.keep >= 1, "checkpoint.every_steps must be >= 0 and checkpoint.keep >= 1")
+    need(cfg.checkpoint.every_steps >= 0 and cfg.checkpoint.keep >= 1,
+         "checkpoint.every_steps must be >= 0 and checkpoint.keep >= 1")
     need(cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1")
     need(cfg.sft.steps >= 0 and cfg.sft.batch_size >= 1 and cfg.sft.max_completion_length >= 1,
          "sft.steps must be >= 0, sft.batch_size and sft.max_completion_length >= 1")

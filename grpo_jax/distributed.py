@@ -36,10 +36,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
+import traceback
 from typing import Any, Optional
 
 import jax
 import numpy as np
+
+from grpo_jax import sharding as shd
 
 log = logging.getLogger("grpo_jax.distributed")
 
@@ -215,13 +219,37 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def setup_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
+    """Join the multi-process run (if this is one), then the config's mesh over every process's devices.
+
+    Each process feeds its own rows of every batch, so the data-parallel axes must split over them."""
+    initialize(mesh_cfg)
+    mesh = shd.make_mesh(mesh_cfg)
+    processes, dp = jax.process_count(), shd.data_parallel_size(mesh)
+    if dp % processes:
+        raise ValueError(f"mesh data x fsdp = {dp} must be a multiple of the {processes} processes: each "
+                         "process feeds its own rows of the batch")
+    return mesh
+
+
+def exit_now(error: BaseException) -> None:
+    """Multi-process: a process that fails leaves at once, without the shutdown barrier at exit.
+
+    Its peers then see it gone (a failed collective, or missed heartbeats) and stop
+    too, instead of waiting for it in the next collective.
+    """
+    traceback.print_exception(error)
+    print(f"process {jax.process_index()} of {jax.process_count()} failed ({type(error).__name__}: "
+          f"{str(error).splitlines()[0] if str(error) else ''}); exiting so that the other processes stop too",
+          file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 # ---------------------------------------------------------------- host <-> global arrays
 
 
 def _leaf_sharding(mesh, x):
     """Rows over data x fsdp; replicated for scalars, and (single-process only) for rows that do not divide."""
-    from grpo_jax import sharding as shd
-
     if not np.ndim(x):
         return shd.replicated(mesh)
     rows, dp = np.shape(x)[0] * jax.process_count(), shd.data_parallel_size(mesh)

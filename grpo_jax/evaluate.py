@@ -11,12 +11,15 @@ from __future__ import annotations
 import collections
 import math
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
 
+from grpo_jax import distributed
 from grpo_jax.data import batches
+from grpo_jax.policy import Policy
+from grpo_jax.rewards.compute import RewardSet, reward_columns
 from grpo_jax.rewards.math import extract_answer
 from grpo_jax.rollout import SamplingParams
 
@@ -41,34 +44,32 @@ def majority_correct(completions: list[str], correct: np.ndarray) -> bool:
     return bool(any(c for a, c in zip(answers, correct) if a == top))
 
 
-def evaluate(run, dataset, max_examples: int, k: int = 1, sampling: Optional[SamplingParams] = None,
-             seed: int = 0, correct_by: Optional[str] = None) -> dict:
-    """Score `run`'s current policy on up to `max_examples` rows of `dataset`.
+def evaluate(policy: Policy, rewards: RewardSet, dataset, max_examples: int, k: int = 1,
+             sampling: Optional[SamplingParams] = None, seed: int = 0, correct_by: Optional[str] = None,
+             params: Any = None) -> dict:
+    """Score the policy on up to `max_examples` rows of `dataset` (this process's share of them).
 
-    run: anything with `rollout(prompts, key, sampling, group_size)`, `policy.tokenizer`,
-    `rewards` (a RewardSet), `cfg` and `greedy` (SamplingParams) - a `loop.Run`.
-    k = 1 decodes greedily (pass@1); k > 1 samples k completions per prompt with
-    `sampling` and adds pass@k and maj@k.
+    params: the weights to score (default: the policy's loaded ones; a run passes its train state's).
+    k = 1 decodes greedily (pass@1); k > 1 samples k completions per prompt with `sampling`
+    (default: the config's) and adds pass@k and maj@k.
     """
-    from grpo_jax.loop import decode_completions, reward_columns  # the same decoding and columns as training
-
     t0 = time.perf_counter()
     n = min(len(dataset), max_examples)
-    sp = run.greedy if k == 1 else sampling
-    prompts_per_batch = max(1, run.cfg.data.batch_size * run.cfg.rollout.group_size // k)
+    sp = policy.greedy if k == 1 else (sampling or policy.sampling)
+    prompts_per_batch = max(1, policy.cfg.data.batch_size * policy.cfg.rollout.group_size // k)
     it = batches(dataset, prompts_per_batch, seed=0, shuffle=False, repeat=False, process_index=jax.process_index(),
                  process_count=jax.process_count(), pad_last=True)
     scores, lengths, pass_k, maj_k, seen = [], [], [], [], 0
-    ci = correctness_index(run.rewards.names, correct_by)
+    ci = correctness_index(rewards.names, correct_by)
     for b, batch in enumerate(it):
         if seen >= n:
             break
-        enc, out = run.rollout(batch["prompt"], jax.random.fold_in(jax.random.PRNGKey(seed), b), sp, k)
-        tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-        completions = decode_completions(run.policy.tokenizer, tokens, mask, run.formatter.assistant_prefix)
-        prompts = [t for t in enc.texts for _ in range(k)]
-        result = run.rewards.submit(prompts, completions, reward_columns(batch, k, mask.sum(1)),
-                                    completion_ids=tokens, completion_mask=mask).result()
+        samples = policy.sample(batch["prompt"], jax.random.fold_in(jax.random.PRNGKey(seed), b), sp, k, params)
+        tokens, mask = samples.local.tokens, samples.local.mask
+        completions = policy.decode(tokens, mask)
+        prompts = [t for t in samples.prompts.texts for _ in range(k)]
+        result = rewards.submit(prompts, completions, reward_columns(batch, k, mask.sum(1)),
+                                completion_ids=tokens, completion_mask=mask).result()
         valid = np.asarray(batch["valid"], bool) & (np.arange(len(batch["valid"])) + seen < n)
         rows = np.repeat(valid, k)
         scores.append(result.rewards[rows])
@@ -80,7 +81,7 @@ def evaluate(run, dataset, max_examples: int, k: int = 1, sampling: Optional[Sam
             maj_k.append(majority_correct(completions[group], correct[group]))
         seen += int(np.asarray(batch["valid"], bool).sum())
     scores, lengths = np.concatenate(scores), np.concatenate(lengths)
-    names = run.rewards.names
+    names = rewards.names
     metrics = {f"eval/{name}": float(np.nanmean(scores[:, j])) if np.isfinite(scores[:, j]).any() else math.nan
                for j, name in enumerate(names)}
     if k == 1:
@@ -92,4 +93,18 @@ def evaluate(run, dataset, max_examples: int, k: int = 1, sampling: Optional[Sam
     metrics["eval/mean_length"] = float(lengths.mean())
     metrics["eval/examples"] = float(len(pass_k))
     metrics["eval/time_s"] = time.perf_counter() - t0
+    return metrics
+
+
+def evaluate_over_processes(policy: Policy, rewards: RewardSet, dataset, max_examples: int, **kwargs) -> dict:
+    """`evaluate` with the examples split over the processes, the metrics combined weighted by examples."""
+    processes = jax.process_count()
+    metrics = evaluate(policy, rewards, dataset, -(-max_examples // processes), **kwargs)
+    if processes == 1:
+        return metrics
+    columns = distributed.allgather_scalars(metrics)
+    weights = columns["eval/examples"]
+    metrics = {k: float(np.average(column, weights=weights)) for k, column in columns.items()}
+    metrics["eval/examples"] = float(weights.sum())
+    metrics["eval/time_s"] = float(columns["eval/time_s"].max())
     return metrics

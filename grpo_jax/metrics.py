@@ -22,6 +22,7 @@ CONSOLE = [
     ("eval/accuracy", "eval acc", "{:.3f}"),
     ("loss", "loss", "{:+.4f}"),
     ("kl", "kl", "{:.4f}"),
+    ("entropy", "entropy", "{:.3f}"),
     ("clip_ratio/region", "clip", "{:.3f}"),
     ("completion/mean_length", "len", "{:.0f}"),
     ("time/step_s", "s/step", "{:.2f}"),
@@ -64,6 +65,16 @@ class MetricsLogger:
                 raise ValueError("logging.wandb=true needs wandb: pip install wandb") from None
             self._wandb = wandb.init(project=cfg.wandb_project, name=run_name, config=run_config or {},
                                      dir=str(self.run_dir), resume="allow")
+
+    def log_step(self, step: int, metrics: dict, samples: Optional[list] = None) -> None:
+        """A training step: on the console every logging.every_steps steps and at the last (with the sample
+        rows), in the files always."""
+        if step % self.cfg.every_steps == 0 or step == self.total_steps:
+            self.log(step, metrics)
+            if samples:
+                self.log_samples(step, samples)
+        else:
+            self.log(step, metrics, console=False)
 
     def log(self, step: int, metrics: dict, console: bool = True) -> None:
         """Write one step's scalars (NaN/inf are written as null in JSONL)."""
@@ -154,6 +165,7 @@ PLOTS = {
     "reward_per_function": "reward/",
     "eval_accuracy": ["eval/accuracy"],
     "kl": ["kl"],
+    "entropy": ["entropy"],
     "clip_ratio": ["clip_ratio/low", "clip_ratio/high", "clip_ratio/region"],
     "completion_length": ["completion/mean_length", "completion/min_length", "completion/max_length"],
 }

@@ -12,8 +12,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-SCALES = ("group", "batch", "none", "rloo")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+from grpo_jax.config import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+from grpo_jax.config import REWARD_SCALES as SCALES
 
 
 class StepTotals(NamedTuple):
@@ -56,8 +56,17 @@ def group_advantages(rewards: jax.Array, group_size: int, scale: str = "group", 
     else:
         adv = centered * (group_size / (group_size - 1))
     # Equal rewards can leave rounding residue in `centered` (and 0/0 when eps=0).
-    flat = jnp.max(groups, axis=1, keepdims=True) == jnp.min(groups, axis=1, keepdims=True)
-    return jnp.where(flat, 0.0, adv).reshape(-1)
+    return jnp.where(flat_groups(r, group_size)[:, None], 0.0, adv).reshape(-1)
+
+
+def flat_groups(rewards, group_size: int):
+    """[B] bool, one per group of `group_size` contiguous rewards [B*G]: are they all equal?
+
+    Such a group carries no signal (its advantages are 0; grpo.filter_zero_std_groups leaves it
+    out of the loss). Works on NumPy and JAX arrays alike.
+    """
+    groups = rewards.reshape(-1, group_size)
+    return groups.max(axis=1) == groups.min(axis=1)
 
 
 def token_logprobs(
@@ -101,12 +110,18 @@ def token_logprobs(
         if project is not None:
             chunk_logits = project(chunk_logits)
         x = chunk_logits.astype(jnp.float32) / temperature
-        lse = jax.nn.logsumexp(x, axis=-1)
+        # log-sum-exp as jax.nn.logsumexp computes it, keeping its exponentials for the entropy
+        peak = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+        peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+        shifted = jnp.exp(x - peak)
+        total = jnp.sum(shifted, axis=-1)
+        lse = jnp.log(total) + peak[..., 0]
         picked = jnp.take_along_axis(x, chunk_targets[..., None], axis=-1)[..., 0]
         if not return_entropy:
             return picked - lse, jnp.zeros_like(lse)
-        probs = jnp.exp(x - lse[..., None])
-        return picked - lse, lse - jnp.sum(probs * x, axis=-1)
+        # H = lse - E_p[x], E_p[x] = sum(exp(x - peak) x) / sum(exp(x - peak)): no second pass of exponentials
+        expected = jnp.sum(jnp.where(shifted > 0, shifted * x, 0.0), axis=-1) / total
+        return picked - lse, lse - expected
 
     num_chunks, rest = divmod(length, chunk_size)
     if num_chunks <= 1:
@@ -183,8 +198,9 @@ def policy_loss(
     """
     if cfg.loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={cfg.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
-    if cfg.importance_sampling_level not in ("token", "sequence"):
-        raise ValueError(f"importance_sampling_level={cfg.importance_sampling_level!r}: expected token or sequence")
+    if cfg.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level={cfg.importance_sampling_level!r}: expected one of "
+                         f"{', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
     if cfg.beta != 0 and ref_logp is None:
         raise ValueError("beta != 0 needs ref_logp, the reference model's token log-probs")
     mask = mask.astype(bool)

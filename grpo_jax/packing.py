@@ -120,3 +120,17 @@ def pack(prompt_ids, prompt_mask, completion_ids, completion_mask, *, devices: i
                 col += p + c
         assert len(seqs) == per_unit
     return PackedRows(tokens, positions, segments > 0, segments, source_row, source_start, order)
+
+
+def pack_over_mesh(prompt_ids, prompt_mask, completion_ids, completion_mask, *, devices: int, micro_batches: int,
+                   length: int, pad_token_id: int, global_max=max) -> PackedRows:
+    """`pack` this process's rows for `devices` local data-parallel devices x `micro_batches`.
+
+    Rows per (device, micro-batch) unit must be the same on every process: the most any needs
+    (global_max: `distributed.global_max` in a run), rounded up to a bucket (`bucket_rows`), so a
+    run compiles a few packed shapes. length: tokens per packed row."""
+    lengths = np.asarray(prompt_mask).sum(1) + np.asarray(completion_mask).sum(1)
+    units = devices * micro_batches
+    per_unit = bucket_rows(global_max(rows_needed(lengths, units, length)), len(lengths) // units)
+    return pack(prompt_ids, prompt_mask, completion_ids, completion_mask, devices=devices,
+                micro_batches=micro_batches, length=length, rows_per_unit=per_unit, pad_token_id=pad_token_id)

@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -38,75 +37,30 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from grpo_jax import distributed
 from grpo_jax import sharding as shd
 from grpo_jax.config import Config, minibatch_rows
-from grpo_jax.models import transformer as tf
+from grpo_jax.models import transformer
+from grpo_jax.models.hf import config_from_hf
+from grpo_jax.models.presets import PRESETS, preset_name
+from grpo_jax.optim import make_optimizer
+from grpo_jax.policy import model_config, model_source
+from grpo_jax.rollout import SamplingParams, _generate_jit, bucket_length
+from grpo_jax.trainer import Batch, completion_logprobs, init_train_state, is_on_policy, make_steps
 
 GiB = 1024 ** 3
 
 # ---------------------------------------------------------------- model shapes
 
-# The fields of each model's HF config.json that shape it (copied from the hub's config files).
-_QWEN2 = dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-              max_position_embeddings=32768, use_sliding_window=False, attention_bias=True)
-_QWEN3 = dict(model_type="qwen3", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-              max_position_embeddings=40960, use_sliding_window=False, attention_bias=False, head_dim=128)
-_LLAMA32 = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500_000.0,
-                max_position_embeddings=131072, vocab_size=128256,
-                rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                  original_max_position_embeddings=8192))
-
-PRESETS: dict[str, dict] = {
-    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
-                         rope_theta=100_000.0, rms_norm_eps=1e-5, max_position_embeddings=8192, hidden_act="silu"),
-    "smollm2-360m": dict(model_type="llama", hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                         num_attention_heads=15, num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True,
-                         rope_theta=100_000.0, rms_norm_eps=1e-5, max_position_embeddings=8192, hidden_act="silu"),
-    "qwen2.5-0.5b": dict(_QWEN2, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(_QWEN2, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-3b": dict(_QWEN2, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(_QWEN2, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=151936, tie_word_embeddings=False),
-    "llama3.2-1b": dict(_LLAMA32, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "llama3.2-3b": dict(_LLAMA32, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                        num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "llama3.1-8b": dict(_LLAMA32, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-                        rope_scaling=dict(_LLAMA32["rope_scaling"], factor=8.0)),
-}
-
-
-def preset_name(name_or_path: str) -> Optional[str]:
-    """The preset a model name or hub id refers to ("Qwen/Qwen2.5-7B-Instruct" -> "qwen2.5-7b"), or None."""
-    key = name_or_path.rstrip("/").rsplit("/", 1)[-1].lower().replace("_", "-")
-    key = re.sub(r"-(instruct|it|base|chat)$", "", key)
-    key = key.replace("llama-3.", "llama3.")
-    return key if key in PRESETS else None
-
-
-def model_config_for(cfg: Config, preset: Optional[str] = None) -> tuple[tf.TransformerConfig, str]:
+def model_config_for(cfg: Config, preset: Optional[str] = None) -> tuple[transformer.TransformerConfig, str]:
     """The decoder shape of a run: (TransformerConfig with the run's dtypes and remat, where it came from).
 
-    preset (a PRESETS name or hub id) wins; else `model.path` as a local folder
-    (config.json, or model_config.json of a converted checkpoint); else `model.path`
-    matched against the presets by name. No weights are read, nothing is downloaded.
+    preset (a PRESETS name or hub id) wins; else `model.path` as a local model (policy.model_config:
+    a converted checkpoint or an HF folder); else `model.path` matched against the presets by name.
+    No weights are read, nothing is downloaded.
     """
-    from grpo_jax.models.hf import config_from_hf
-
     m = cfg.model
     overrides = m.decoder_overrides()
     if preset is not None:
@@ -114,12 +68,10 @@ def model_config_for(cfg: Config, preset: Optional[str] = None) -> tuple[tf.Tran
         if name is None:
             raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
         return config_from_hf(PRESETS[name], **overrides), f"preset {name}"
-    path = Path(os.path.expanduser(m.path))
-    if (path / "model_config.json").is_file():
-        config = tf.TransformerConfig.from_json((path / "model_config.json").read_text())
-        return config.replace(**overrides), str(path / "model_config.json")
-    if (path / "config.json").is_file():
-        return config_from_hf(str(path / "config.json"), **overrides), str(path / "config.json")
+    local = model_config(m, download=False)
+    if local is not None:
+        source = model_source(m.path)
+        return local, str(Path(source.path) / ("model_config.json" if source.kind == "converted" else "config.json"))
     name = preset_name(m.path)
     if name is not None:
         return config_from_hf(PRESETS[name], **overrides), f"preset {name} (from model.path={m.path})"
@@ -209,21 +161,16 @@ def total_bytes(tree) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def abstract_params(model_config: tf.TransformerConfig, mesh, rules=shd.DEFAULT_RULES):
+def abstract_params(model_config: transformer.TransformerConfig, mesh, rules=shd.DEFAULT_RULES):
     """(params as ShapeDtypeStructs with their shardings, the shardings) -- nothing allocated."""
-    from flax import nnx
-
-    abs_model = tf.abstract_model(model_config)
+    abs_model = transformer.abstract_model(model_config)
     params = nnx.to_pure_dict(nnx.state(abs_model, nnx.Param))
-    shardings = tf.param_shardings(abs_model, mesh, rules)
+    shardings = transformer.param_shardings(abs_model, mesh, rules)
     return jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), params, shardings), shardings
 
 
-def abstract_train_state(model_config: tf.TransformerConfig, cfg: Config, mesh):
+def abstract_train_state(model_config: transformer.TransformerConfig, cfg: Config, mesh):
     """(abstract TrainState with shardings, its shardings, the optimizer, param shardings)."""
-    from grpo_jax.optim import make_optimizer
-    from grpo_jax.trainer import init_train_state
-
     params, param_shardings = abstract_params(model_config, mesh)
     updates = max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
     optimizer = make_optimizer(cfg.optim, updates)
@@ -236,8 +183,6 @@ def abstract_train_state(model_config: tf.TransformerConfig, cfg: Config, mesh):
 
 def prompt_width(cfg: Config) -> int:
     """P: the prompt bucket max_prompt_length pads up to (the widest prompt a run sees)."""
-    from grpo_jax.rollout import bucket_length
-
     try:
         return bucket_length(cfg.rollout.max_prompt_length, cfg.rollout.prompt_length_buckets)
     except ValueError:
@@ -246,8 +191,6 @@ def prompt_width(cfg: Config) -> int:
 
 def abstract_batch(cfg: Config, mesh, rows: int, with_old: bool, with_ref: bool):
     """A Batch of `rows` sequences of P + N tokens (see trainer.Batch), rows split over data x fsdp."""
-    from grpo_jax.trainer import Batch
-
     P, N = prompt_width(cfg), cfg.rollout.max_completion_length
     T = P + N
 
@@ -261,7 +204,7 @@ def abstract_batch(cfg: Config, mesh, rows: int, with_old: bool, with_ref: bool)
                  ref_logp=arr((rows, N), jnp.float32) if with_ref else None)
 
 
-def kv_cache_bytes(model_config: tf.TransformerConfig, rows: int, length: int, mesh) -> tuple[int, int]:
+def kv_cache_bytes(model_config: transformer.TransformerConfig, rows: int, length: int, mesh) -> tuple[int, int]:
     """(total, per device) bytes of the rollout's K and V caches: rows split over data x fsdp, kv heads over tensor."""
     c = model_config
     total = 2 * c.num_layers * rows * length * c.num_kv_heads * c.head_dim * jnp.dtype(c.compute_jnp_dtype).itemsize
@@ -297,8 +240,6 @@ def _with_peak(stats: dict, resident: int, other_args: int) -> dict:
 
 
 def _rollout_program(model_config, cfg: Config, params, mesh):
-    from grpo_jax.rollout import SamplingParams, _generate_jit
-
     B, G = cfg.data.batch_size, cfg.rollout.group_size
     P = prompt_width(cfg)
     sp = SamplingParams.from_config(cfg.rollout, stop_token_ids=(0,), pad_token_id=0)
@@ -306,9 +247,8 @@ def _rollout_program(model_config, cfg: Config, params, mesh):
     def arr(shape, dtype):
         return _sds(shape, dtype, shd.rows_sharding(jax.ShapeDtypeStruct(shape, dtype), mesh))
 
-    forward = functools.partial(tf.apply, model_config)
-    init_cache = functools.partial(tf.init_cache, model_config)
-    fn = functools.partial(_generate_jit, forward, init_cache)
+    decoder = transformer.Decoder(model_config)
+    fn = functools.partial(_generate_jit, decoder, decoder.init_cache)
     jitted = jax.jit(lambda p, ids, mask, keys: fn(p, ids, mask, keys, sp, G, True, 1, mesh))
     return jitted, (params, arr((B, P), jnp.int32), arr((B, P), jnp.bool_), arr((B * G, 2), jnp.uint32))
 
@@ -316,7 +256,8 @@ def _rollout_program(model_config, cfg: Config, params, mesh):
 FIT_FRACTION = 0.85  # a program "fits" at or below this share of device memory (headroom for fragmentation)
 
 
-def planned_attention(model_config: tf.TransformerConfig, platform: str, target_kind: Optional[str]) -> tf.TransformerConfig:
+def planned_attention(model_config: transformer.TransformerConfig, platform: str,
+                      target_kind: Optional[str]) -> transformer.TransformerConfig:
     """The attention backend to compile with. Planned on CPU for a TPU / GPU target, `auto`, `splash` and
     `cudnn` compile as `blockwise`: the accelerator kernels cannot compile for CPU, and blockwise holds
     splash's O(T) working set (no [T, S] scores). cuDNN also takes a [B, 1, T, S] boolean mask, which
@@ -349,37 +290,34 @@ def with_micro_batch(cfg: Config, size: int) -> Config:
 
 class _Abstract:
     """The abstract train state of a plan, built once and shared by every program compiled for it."""
-
-    def __init__(self, model_config: tf.TransformerConfig, cfg: Config, mesh):
+    def __init__(self, model_config: transformer.TransformerConfig, cfg: Config, mesh):
         self.model_config, self.cfg, self.mesh = model_config, cfg, mesh
         self.state, self.state_shardings, self.optimizer, _ = abstract_train_state(model_config, cfg, mesh)
         self.resident = bytes_per_device(self.state)
 
     def step_programs(self, cfg: Config, which=("logps", "update")) -> dict:
         """Compiled stats of the log-prob and update programs of cfg (its micro-batch size)."""
-        from grpo_jax.trainer import is_on_policy, make_steps
-
-        steps = make_steps(functools.partial(tf.apply, self.model_config), self.optimizer, cfg, self.state_shardings)
+        steps = make_steps(transformer.Decoder(self.model_config), self.optimizer, cfg, self.state_shardings)
         rows = cfg.data.batch_size * cfg.rollout.group_size
         with_ref, with_old = cfg.grpo.beta != 0, not is_on_policy(cfg)
         out = {}
         if "logps" in which and (with_ref or with_old):
             batch = abstract_batch(cfg, self.mesh, rows, False, False)
-            out["logps"] = _with_peak(compile_stats(steps[0], self.state, batch), self.resident,
+            out["logps"] = _with_peak(compile_stats(steps.reference_and_old_logps, self.state, batch), self.resident,
                                       bytes_per_device(batch))
         if "update" in which:
             mb = abstract_batch(cfg, self.mesh, minibatch_rows(cfg), with_old, with_ref)
-            out["update"] = _with_peak(compile_stats(steps[1], self.state, mb), self.resident, bytes_per_device(mb))
+            out["update"] = _with_peak(compile_stats(steps.update, self.state, mb), self.resident, bytes_per_device(mb))
         return out
 
 
-def fit_micro_batch(cfg: Config, model_config: tf.TransformerConfig, mesh, device_memory: int,
+def fit_micro_batch(cfg: Config, model_config: transformer.TransformerConfig, mesh, device_memory: int,
                     progress: Callable[[str], None] = lambda _: None, abstract: Optional[_Abstract] = None) -> dict:
     """The largest micro-batch whose log-prob and update programs fit `device_memory` (FIT_FRACTION of it).
 
     Compiles the whole minibatch first, then candidates (`micro_batch_candidates`) in a binary search,
-    assuming a smaller micro-batch never needs more memory. Returns {"size": rows or None when even the smallest does not fit,
-    "tried": {size: peak bytes}, "programs": the chosen size's compiled stats}.
+    assuming a smaller micro-batch never needs more memory. Returns {"size": rows or None when even the
+    smallest does not fit, "tried": {size: peak bytes}, "programs": the chosen size's compiled stats}.
     """
     abstract = abstract or _Abstract(model_config, cfg, mesh)
     candidates = micro_batch_candidates(cfg, mesh)
@@ -407,7 +345,21 @@ def fit_micro_batch(cfg: Config, model_config: tf.TransformerConfig, mesh, devic
     return {"size": best, "tried": dict(sorted(tried.items())), "programs": compiled.get(best)}
 
 
-def resolve_auto_micro_batch(cfg: Config, model_config: tf.TransformerConfig, mesh) -> tuple[Config, str]:
+def run_micro_batch(cfg: Config, model_config: transformer.TransformerConfig, mesh) -> tuple[Config, Optional[str]]:
+    """A run's micro-batch size on its mesh: auto resolved (`resolve_auto_micro_batch`, with the line to log),
+    any other size checked against `micro_batch_candidates`. Returns (cfg, line or None)."""
+    line = None
+    if cfg.grpo.micro_batch_size == "auto":
+        cfg, line = resolve_auto_micro_batch(cfg, model_config, mesh)
+    micro = cfg.grpo.micro_batch_size
+    if micro and micro not in micro_batch_candidates(cfg, mesh):
+        raise ValueError(f"grpo.micro_batch_size={micro} does not split over the mesh's data x fsdp = "
+                         f"{shd.data_parallel_size(mesh)} devices (each device takes a share of every "
+                         "micro-batch); use a multiple of it or auto")
+    return cfg, line
+
+
+def resolve_auto_micro_batch(cfg: Config, model_config: transformer.TransformerConfig, mesh) -> tuple[Config, str]:
     """grpo.micro_batch_size=auto -> a number, on the devices the run has: (cfg, the line to log).
 
     On an accelerator, the largest micro-batch whose programs fit its memory (`fit_micro_batch`,
@@ -429,7 +381,6 @@ def resolve_auto_micro_batch(cfg: Config, model_config: tf.TransformerConfig, me
                 f"warning: grpo.micro_batch_size=auto: no micro-batch fits {FIT_FRACTION:.0%} of {_gib(memory)} "
                 f"per device (compiled peaks {tried}); trying the smallest, {smallest} rows (see `python -m launch "
                 "plan`: shorten rollout.max_completion_length, use model.remat=full or a larger mesh.fsdp)")
-    from grpo_jax import distributed
 
     agreed = -distributed.global_max(-fit["size"])  # all processes must compile the same program
     if agreed != fit["size"]:
@@ -439,7 +390,7 @@ def resolve_auto_micro_batch(cfg: Config, model_config: tf.TransformerConfig, me
             f"that fits {FIT_FRACTION:.0%} of {_gib(memory)} per device; compiled peaks {tried})")
 
 
-def plan(cfg: Config, model_config: tf.TransformerConfig, mesh, *, programs=("rollout", "logps", "update"),
+def plan(cfg: Config, model_config: transformer.TransformerConfig, mesh, *, programs=("rollout", "logps", "update"),
          device_memory: Optional[int] = None, device_kind: Optional[str] = None,
          compare_logprobs: bool = False, search_micro_batch: bool = True,
          progress: Callable[[str], None] = lambda _: None) -> dict:
@@ -525,22 +476,20 @@ def plan(cfg: Config, model_config: tf.TransformerConfig, mesh, *, programs=("ro
 # ---------------------------------------------------------------- issue 9: log-prob memory
 
 
-def logprob_variants(model_config: tf.TransformerConfig, temperature: float = 1.0, seq_chunk: int = 128):
+def logprob_variants(model_config: transformer.TransformerConfig, temperature: float = 1.0, seq_chunk: int = 128):
     """Three ways to get completion log-probs [R, N] from (params, Batch), for comparing their memory.
 
-    current: `trainer.completion_logprobs` (full float32 logits [R, T, V] from the model,
-             then `objective.token_logprobs` chunked over tokens);
+    current: `trainer.completion_logprobs` as the trainer calls it, with the library's
+             `transformer.Decoder` (hidden states, unembedded chunk by chunk);
     naive:   full logits then one log_softmax over all of them;
     hidden_chunked: the model's final hidden states [R, T, D], then the unembedding,
              log-softmax and gather `seq_chunk` positions at a time under jax.checkpoint,
              so no [R, T, V] array exists in the forward or the backward pass.
     """
-    from grpo_jax.trainer import completion_logprobs
-
-    forward = functools.partial(tf.apply, model_config)
+    forward = functools.partial(transformer.apply, model_config)
 
     def current(params, batch):
-        return completion_logprobs(forward, params, batch, temperature)
+        return completion_logprobs(transformer.Decoder(model_config), params, batch, temperature)
 
     def naive(params, batch):
         n = batch.completion_mask.shape[1]
@@ -550,7 +499,7 @@ def logprob_variants(model_config: tf.TransformerConfig, temperature: float = 1.
 
     def hidden_chunked(params, batch):
         n = batch.completion_mask.shape[1]
-        hidden, _ = tf.apply(model_config, params, batch.tokens, batch.positions, batch.attention_mask, None,
+        hidden, _ = transformer.apply(model_config, params, batch.tokens, batch.positions, batch.attention_mask, None,
                              return_hidden=True)
         h = hidden[:, -n - 1:-1]  # [R, N, D]
         targets = batch.tokens[:, -n:]
@@ -558,7 +507,7 @@ def logprob_variants(model_config: tf.TransformerConfig, temperature: float = 1.
 
         @jax.checkpoint
         def one(hc, tc):  # hc [R, c, D], tc [R, c]
-            x = tf.logits_from_hidden(model_config, params, hc) / temperature
+            x = transformer.logits_from_hidden(model_config, params, hc) / temperature
             lse = jax.nn.logsumexp(x, axis=-1)
             return jnp.take_along_axis(x, tc[..., None], axis=-1)[..., 0] - lse
 
@@ -656,11 +605,12 @@ def format_sweep(reports: list[dict]) -> str:
              f"{'completion':>10}{'rollout peak':>15}{'update temp':>14}{'update peak':>14}{'micro':>7}  verdict"]
     for r in reports:
         progs = r["programs"]
-        cell = lambda name, key: _gib(progs[name][key]) if name in progs else "-"  # noqa: E731
+        cell = lambda name, key, progs=progs: _gib(progs[name][key]) if name in progs else "-"
         lines.append(f"{r['batch']['completion_tokens']:>10}{cell('rollout', 'peak'):>15}{cell('update', 'temp'):>14}"
                      f"{cell('update', 'peak'):>14}{r['batch']['micro_batch_rows']:>7}  {r.get('verdict_line', '')}")
     if first["platform"] == "cpu":
-        lines.append("note: temp bytes come from the CPU compiler; TPU / GPU fuse differently. Resident bytes are exact.")
+        lines.append("note: temp bytes come from the CPU compiler; TPU / GPU fuse differently. "
+                     "Resident bytes are exact.")
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax import sharding
+from grpo_jax.data.prompts import pad_prompts_left
 from grpo_jax.models.transformer import positions_from_mask
 
 log = logging.getLogger("grpo_jax.rollout")
@@ -162,20 +163,6 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
             return int(b)
     raise ValueError(f"prompt length {length} exceeds the largest prompt bucket {buckets[-1]}; "
                      "raise rollout.prompt_length_buckets or lower rollout.max_prompt_length")
-
-
-def pad_prompts_left(prompt_ids, prompt_mask, length: int, pad_token_id: int):
-    """Left-pad [B, P] prompts to [B, length] (host side, numpy)."""
-    ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
-    extra = length - ids.shape[1]
-    if extra < 0:
-        # keep the right end: left-padded prompts may only drop leading padding
-        if mask[:, :-length].any():
-            raise ValueError(f"prompts hold more than {length} tokens")
-        return ids[:, -length:], mask[:, -length:]
-    ids = np.concatenate([np.full((ids.shape[0], extra), pad_token_id, ids.dtype), ids], axis=1)
-    mask = np.concatenate([np.zeros((mask.shape[0], extra), bool), mask], axis=1)
-    return ids, mask
 
 
 def row_keys(rng: jax.Array, num_rows: int) -> jax.Array:

@@ -19,11 +19,13 @@ import optax
 
 from grpo_jax import sharding
 from grpo_jax.config import Config, save_config
-from grpo_jax.data import PromptFormatter, batches, load_dataset
+from grpo_jax.data import batches, load_dataset
+from grpo_jax.data.prompts import pad_prompts_left
 from grpo_jax.metrics import MetricsLogger
 from grpo_jax.models.hf import save_converted
 from grpo_jax.optim import make_optimizer
-from grpo_jax.rollout import bucket_length, pad_prompts_left
+from grpo_jax.policy import Policy
+from grpo_jax.rollout import bucket_length
 from grpo_jax.trainer import Batch, assemble_batch, completion_logprobs, init_train_state
 
 
@@ -58,9 +60,10 @@ def pad_right(seqs: list[list[int]], width: int, pad: int) -> tuple[np.ndarray, 
     return ids, mask
 
 
-def make_sft_step(forward, optimizer, state_shardings):
+def make_sft_step(model, optimizer, state_shardings):
+    """The jitted SFT step: mean token NLL of the completions (model: a `transformer.Decoder`)."""
     def loss_fn(params, batch: Batch):
-        logp = completion_logprobs(forward, params, batch, 1.0)
+        logp = completion_logprobs(model, params, batch, 1.0)
         mask = batch.completion_mask
         nll = -jnp.sum(jnp.where(mask, logp, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
         correct = jnp.sum(jnp.where(mask, logp > jnp.log(0.5), False)) / jnp.maximum(jnp.sum(mask), 1)
@@ -78,20 +81,17 @@ def make_sft_step(forward, optimizer, state_shardings):
 
 def run_sft(cfg: Config, out_dir: str | Path | None = None) -> Path:
     """Fine-tune model.path on data's train split for sft.steps; returns the converted model folder."""
-    from grpo_jax.loop import load_policy
-
     out_dir = Path(out_dir or Path(cfg.run.output_dir) / "sft")
     save_config(cfg, out_dir)
-    mesh = sharding.make_mesh(cfg.mesh)
-    policy = load_policy(cfg, mesh)
-    formatter = PromptFormatter.from_config(cfg.data, policy.tokenizer)
+    policy = Policy.load(cfg)
+    mesh, formatter = policy.mesh, policy.formatter
     s = cfg.sft
     optimizer = make_optimizer(dataclasses.replace(cfg.optim, learning_rate=s.learning_rate, schedule="cosine",
                                                    warmup_steps=s.warmup_steps), max(s.steps, 1))
     state = init_train_state(policy.params, optimizer, jax.random.PRNGKey(cfg.run.seed), keep_reference=False)
     shardings = sharding.train_state_shardings(state, optimizer, policy.param_shardings, mesh)
     state = jax.device_put(state, shardings)
-    step_fn = make_sft_step(policy.forward, optimizer, shardings)
+    step_fn = make_sft_step(policy.decoder, optimizer, shardings)
     data = batches(load_dataset(cfg.data, cfg.data.split, cfg.run.seed), s.batch_size, cfg.run.seed,
                    shuffle=cfg.data.shuffle, repeat=True, process_index=jax.process_index(),
                    process_count=jax.process_count())

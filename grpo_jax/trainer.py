@@ -10,7 +10,9 @@ With `grpo.micro_batch_size` both run `micro_batch_size` rows at a time: the
 log-probs piece by piece, the update's gradients summed in float32 over its
 micro-batches under `lax.scan` (gradient accumulation), every loss normalised by
 the whole update's counts (`objective.StepTotals`), so it equals the one-shot step.
-The model enters as `forward(params, tokens, positions, mask, cache=None) -> (logits, cache)`.
+With several minibatches each pass visits the rows in a fresh order (`minibatch_order`).
+The model enters as a `transformer.Decoder` (or any object with its `hidden_states` and
+`project`), or as a plain `forward(params, tokens, positions, mask, cache) -> (logits, cache)`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from grpo_jax import sharding
+from grpo_jax import distributed, sharding
 from grpo_jax.config import Config
-from grpo_jax.models import transformer as tf
 from grpo_jax.models.transformer import positions_from_mask, shard_activations
 from grpo_jax.objective import StepTotals, policy_loss, token_logprobs
 
@@ -41,7 +42,8 @@ class TrainState(flax.struct.PyTreeNode):
     ref_params: Any = None  # frozen reference policy; None when beta = 0
 
 
-def init_train_state(params, optimizer: optax.GradientTransformation, rng: jax.Array, keep_reference: bool) -> TrainState:
+def init_train_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
+                     keep_reference: bool) -> TrainState:
     ref = jax.tree.map(jnp.copy, params) if keep_reference else None
     return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=rng, ref_params=ref)
 
@@ -83,6 +85,13 @@ def assemble_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, adv
     )
 
 
+def rollout_batch(prompt_ids, prompt_mask, rollout, mask_truncated: bool) -> Batch:
+    """The loss Batch of a rollout's device arrays (no host round trip); truncated completions leave
+    the loss when mask_truncated (grpo.mask_truncated_completions); advantages come later."""
+    mask = rollout.mask & ~rollout.truncated[:, None] if mask_truncated else rollout.mask
+    return assemble_batch(prompt_ids, prompt_mask, rollout.tokens, mask, jnp.zeros(rollout.truncated.shape))
+
+
 def packed_batch(packed, completion_mask, advantages) -> Batch:
     """A Batch of host arrays from `packing.pack`'s rows and the loss-side arrays (in the packed order)."""
     return Batch(tokens=packed.tokens, positions=packed.positions, attention_mask=packed.attention_mask,
@@ -103,46 +112,62 @@ def gather_completions(x: jax.Array, source_row: jax.Array, columns: jax.Array, 
     return out.reshape(-1, *out.shape[2:])
 
 
-def completion_logprobs(forward: Callable, params, batch: Batch, temperature: float,
-                        blocks: int = 1) -> jax.Array:
-    """log p(completion token | everything before it) [R, N], float32, at the sampling temperature.
+class LogitsModel:
+    """A plain `forward(params, tokens, positions, mask, cache) -> (logits, cache)` in the trainer's two
+    calls: its "hidden states" are the logits and `project` is the identity, so the whole [R, T, V]
+    logits exist (the library's `transformer.Decoder` unembeds chunk by chunk instead)."""
 
-    With the library's decoder (`functools.partial(transformer.apply, config)`, as loop and
-    planner build it) the model stops at its final hidden states and the unembedding runs
-    inside `token_logprobs`' chunks, so the [R, T, V] logits never exist, forward or backward
-    (issue 9: the update step's temp for Qwen2.5-0.5B at 64 x 1024 tokens on fsdp=8 went
-    from 33.0 to 23.0 GiB per device; BENCHMARKS.md).
-    Any other forward returns logits, which are then read a chunk at a time.
+    def __init__(self, forward: Callable):
+        self.forward = forward
+
+    def hidden_states(self, params, tokens, positions, attention_mask, *, segment_ids=None):
+        if segment_ids is not None:
+            raise ValueError("grpo.pack_sequences needs a model that reads segment ids, such as the library's "
+                             "transformer.Decoder; a plain forward function cannot keep packed sequences apart")
+        logits, _ = self.forward(params, tokens, positions, attention_mask, None)
+        return logits
+
+    def project(self, params, logits):
+        return logits
+
+
+def as_trainable(model):
+    """The model as the trainer calls it: anything with `hidden_states(params, tokens, positions, mask,
+    segment_ids=)` and `project(params, hidden)` (a `transformer.Decoder`) as it is; any other callable is
+    taken for a plain forward returning logits (`LogitsModel`)."""
+    if hasattr(model, "hidden_states") and hasattr(model, "project"):
+        return model
+    if not callable(model):
+        raise TypeError(f"{type(model).__name__} is neither a decoder (hidden_states + project) nor a forward function")
+    return LogitsModel(model)
+
+
+def completion_logprobs(model, params, batch: Batch, temperature: float, blocks: int = 1,
+                        return_entropy: bool = False):
+    """log p(completion token | everything before it) [R, N], float32, at the sampling temperature;
+    with return_entropy also each of those tokens' distribution entropy [R, N] (training logs it).
+
+    model: a `transformer.Decoder` or a plain forward (`as_trainable`). The model stops at its hidden
+    states and `project` unembeds them inside `token_logprobs`' chunks, so for the Decoder the
+    [R, T, V] logits never exist, forward or backward (BENCHMARKS.md, issue 9).
     A packed batch (segment_ids set) is read packed and each completion gathered out of it;
     blocks: the row blocks over devices (`gather_completions`).
     """
+    model = as_trainable(model)
     n = batch.completion_mask.shape[1]
-    config = _decoder_config(forward)
-    if batch.segment_ids is not None:  # packed: the completions are gathered out of the packed rows
-        if config is None:
-            raise ValueError("grpo.pack_sequences needs the library's decoder (segment ids in its attention)")
-        hidden, _ = forward(params, batch.tokens, batch.positions, batch.attention_mask, None, return_hidden=True,
-                            segment_ids=batch.segment_ids)
-        # log-probs of every packed token (their count, not R x N, sets the unembedding's cost), then each
-        # completion token's: column c is predicted by the state at c - 1
-        project = lambda x: tf.logits_from_hidden(config, params, x)  # noqa: E731
-        packed_logp = token_logprobs(hidden[:, :-1], batch.tokens[:, 1:], temperature, project=project)
-        columns = batch.source_start[:, None] + jnp.arange(n)[None] - 1  # [R, N]
-        return gather_completions(packed_logp, batch.source_row, columns, blocks)
-    targets = batch.tokens[:, -n:]
-    if config is None:
-        logits, _ = forward(params, batch.tokens, batch.positions, batch.attention_mask, None)
-        return token_logprobs(logits[:, -n - 1 : -1], targets, temperature)
-    hidden, _ = forward(params, batch.tokens, batch.positions, batch.attention_mask, None, return_hidden=True)
-    project = lambda h: tf.logits_from_hidden(config, params, h)  # noqa: E731
-    return token_logprobs(hidden[:, -n - 1 : -1], targets, temperature, project=project)
-
-
-def _decoder_config(forward: Callable):
-    """The TransformerConfig when `forward` is `functools.partial(transformer.apply, config)`, else None."""
-    if isinstance(forward, functools.partial) and forward.func is tf.apply and len(forward.args) == 1:
-        return forward.args[0]
-    return None
+    project = functools.partial(model.project, params)
+    hidden = model.hidden_states(params, batch.tokens, batch.positions, batch.attention_mask,
+                                 segment_ids=batch.segment_ids)
+    if batch.segment_ids is None:
+        return token_logprobs(hidden[:, -n - 1 : -1], batch.tokens[:, -n:], temperature, project=project,
+                              return_entropy=return_entropy)
+    # packed: log-probs of every packed token (their count, not R x N, sets the unembedding's cost), then
+    # each completion token's: column c is predicted by the state at c - 1
+    packed = token_logprobs(hidden[:, :-1], batch.tokens[:, 1:], temperature, project=project,
+                            return_entropy=return_entropy)
+    columns = batch.source_start[:, None] + jnp.arange(n)[None] - 1  # [R, N]
+    gather = functools.partial(gather_completions, source_row=batch.source_row, columns=columns, blocks=blocks)
+    return tuple(map(gather, packed)) if return_entropy else gather(packed)
 
 
 def is_on_policy(cfg: Config) -> bool:
@@ -177,8 +202,17 @@ def join_micro_batches(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: Config, state_shardings=None):
-    """The jitted device functions of a GRPO step: (reference_and_old_logps, update_step).
+class Steps(NamedTuple):
+    """The jitted device functions of a GRPO step (`make_steps`)."""
+
+    reference_and_old_logps: Callable  # (state, batch) -> batch with ref_logp / old_logp filled in
+    update: Callable  # (state, minibatch) -> (state, metrics): one optimizer update
+
+
+def make_steps(model, optimizer: optax.GradientTransformation, cfg: Config, state_shardings=None) -> Steps:
+    """The jitted device functions of a GRPO step: Steps(reference_and_old_logps, update).
+
+    model: a `transformer.Decoder`, or a plain forward returning logits (`as_trainable`).
 
     state_shardings (a TrainState of NamedShardings): where update_step leaves the new
     state; fixing it keeps every step on one compiled program and the layout stable.
@@ -191,7 +225,7 @@ def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: 
     mesh = _mesh_of(state_shardings)
     pin_rows = functools.partial(sharding.pin_rows, mesh=mesh)  # a micro-batch keeps its rows split over the mesh
     blocks = 1 if mesh is None else sharding.data_parallel_size(mesh)  # row blocks over devices (packed gathers)
-    logprobs = functools.partial(completion_logprobs, forward, temperature=temperature, blocks=blocks)
+    logprobs = functools.partial(completion_logprobs, as_trainable(model), temperature=temperature, blocks=blocks)
 
     def logprobs_in_pieces(params, batch: Batch) -> jax.Array:
         count = micro_batch_count(cfg, batch.advantages.shape[0])
@@ -213,10 +247,12 @@ def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: 
     def loss_fn(params, batch: Batch, totals: StepTotals):
         # Each minibatch is one optimizer update, so "dapo" normalises by this minibatch's tokens
         # (TRL: the tokens of one optimizer step's gradient-accumulation window), over all its micro-batches.
+        # the entropy comes out of the same chunks as the log-probs (no [R, T, V] array), for the logs only
         with shard_activations(mesh):
-            logp = logprobs(params, batch)
+            logp, entropy = logprobs(params, batch, return_entropy=True)
         return policy_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.completion_mask, grpo,
-                           max_completion_length=cfg.rollout.max_completion_length, totals=totals)
+                           max_completion_length=cfg.rollout.max_completion_length, totals=totals,
+                           entropy=entropy)
 
     def loss_metrics_grads(params, batch: Batch, totals: StepTotals):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, totals)
@@ -255,7 +291,7 @@ def make_steps(forward: Callable, optimizer: optax.GradientTransformation, cfg: 
         return state, metrics
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
-    return reference_and_old_logps, jax.jit(update_step, donate_argnums=0, out_shardings=out_shardings)
+    return Steps(reference_and_old_logps, jax.jit(update_step, donate_argnums=0, out_shardings=out_shardings))
 
 
 def _mesh_of(shardings):
@@ -268,8 +304,10 @@ def _mesh_of(shardings):
 
 def sync_reference(state: TrainState, alpha: float) -> TrainState:
     """ref <- alpha * policy + (1 - alpha) * ref (TR-DPO style soft update of the reference); jit it."""
-    ref = jax.tree.map(lambda r, p: (alpha * p.astype(jnp.float32) + (1 - alpha) * r.astype(jnp.float32)).astype(r.dtype),
-                       state.ref_params, state.params)
+    def mix(r, p):
+        return (alpha * p.astype(jnp.float32) + (1 - alpha) * r.astype(jnp.float32)).astype(r.dtype)
+
+    ref = jax.tree.map(mix, state.ref_params, state.params)
     return state.replace(ref_params=ref)
 
 
@@ -280,26 +318,51 @@ def train_flops(config, rows: int, seq_len: int, cfg: Config) -> float:
     return forward * (3 * cfg.grpo.num_iterations + extra)
 
 
-def train_on_batch(state: TrainState, batch: Batch, update_step, cfg: Config, rng: np.random.Generator | None = None):
+def minibatch_order(seed: int, step: int, iteration: int, rows: int) -> np.ndarray:
+    """The row order of pass `iteration` over step `step`'s generation batch (num_minibatches > 1).
+
+    Drawn from (run seed, step, pass) alone: every process draws the same permutation, and a resumed
+    run the same as one that was never stopped; each pass and step gets a fresh one (as PPO epochs)."""
+    return np.random.default_rng([seed, step, iteration]).permutation(rows)
+
+
+def permute_rows(batch: Batch, order: np.ndarray) -> Batch:
+    """batch's rows in `order` (the same on every process), each leaf keeping its sharding."""
+    leaves = jax.tree.leaves(batch)
+    if not all(isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding) for x in leaves):
+        return _permute_program(None)(batch, jnp.asarray(order))
+    shardings = jax.tree.map(lambda x: x.sharding, batch)
+    placed = distributed.global_batch(np.asarray(order, np.int32), sharding.replicated(leaves[0].sharding.mesh))
+    return _permute_program(shardings)(batch, placed)
+
+
+@functools.lru_cache(maxsize=None)
+def _permute_program(shardings: Optional[Batch]):
+    """One compiled gather per layout (a Batch of NamedShardings is hashable)."""
+    return jax.jit(lambda batch, order: jax.tree.map(lambda x: x[order], batch), out_shardings=shardings)
+
+
+def train_on_batch(state: TrainState, batch: Batch, update_step, cfg: Config, shuffle_seed: Optional[tuple] = None):
     """All optimizer updates of one generation batch. Returns (state, metrics averaged over updates).
 
     `batch` already carries its reference / old log-probs (`reference_and_old_logps`),
     which callers dispatch early so the device computes them while rewards are scored.
+    shuffle_seed: (run seed, step): with several minibatches each pass first puts the rows in
+    `minibatch_order`; None (or one minibatch) keeps the batch's order.
     """
     rows = batch.advantages.shape[0]
     per_minibatch = rows // cfg.grpo.num_minibatches
+    shuffle = shuffle_seed is not None and cfg.grpo.num_minibatches > 1
+    if shuffle and batch.source_row is not None:
+        raise ValueError("a packed batch keeps its row order (grpo.pack_sequences needs num_minibatches = 1)")
     collected = []
-    for _ in range(cfg.grpo.num_iterations):
-        order = None if rng is None else rng.permutation(rows)
+    for iteration in range(cfg.grpo.num_iterations):
+        rows_in_order = permute_rows(batch, minibatch_order(*shuffle_seed, iteration, rows)) if shuffle else batch
         for m in range(cfg.grpo.num_minibatches):
-            lo, hi = m * per_minibatch, (m + 1) * per_minibatch
-            if order is not None:
-                idx = jnp.asarray(order[lo:hi])
-                minibatch = jax.tree.map(lambda x: x[idx], batch)
-            elif (lo, hi) == (0, rows):
-                minibatch = batch
-            else:  # static slices: no index array to place (multi-process arrays mix only with global ones)
-                minibatch = jax.tree.map(lambda x: x[lo:hi], batch)
+            rows_m = slice(m * per_minibatch, (m + 1) * per_minibatch)
+            # static slices: no index array to place (multi-process arrays mix only with global ones)
+            whole = per_minibatch == rows
+            minibatch = rows_in_order if whole else jax.tree.map(lambda x, r=rows_m: x[r], rows_in_order)
             state, metrics = update_step(state, minibatch)
             collected.append(metrics)
     averaged = {k: jnp.mean(jnp.stack([m[k] for m in collected])) for k in collected[0]}

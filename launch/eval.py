@@ -29,9 +29,11 @@ def add_arguments(parser):
 def main(args) -> int:
     import jax
 
+    from grpo_jax.checkpoint import checkpoint_params
     from grpo_jax.data import load_dataset
     from grpo_jax.evaluate import evaluate
-    from grpo_jax.loop import Generation, checkpoint_params
+    from grpo_jax.policy import Policy
+    from grpo_jax.rewards import RewardSet
 
     if args.k < 1:
         raise ValueError("--k must be >= 1")
@@ -39,18 +41,18 @@ def main(args) -> int:
     split = args.split or cfg.data.eval_split
     if not split:
         raise ValueError("no split to evaluate: pass --split or set data.eval_split")
-    gen = Generation(cfg)
+    policy, rewards = Policy.load(cfg), RewardSet.from_config(cfg)
     try:
         source = cfg.model.path
         if args.run:
             params, step = checkpoint_params(args.run, args.step, args.best)
-            gen.policy.params = jax.device_put(params, gen.policy.param_shardings)
+            policy.params = jax.device_put(params, policy.param_shardings)
             source = f"{args.run} step {step}"
         dataset = load_dataset(cfg.data, split, cfg.run.seed)
-        metrics = evaluate(gen, dataset, args.max_examples or cfg.run.eval_max_examples, k=args.k,
-                           sampling=gen.sampling, seed=cfg.run.seed, correct_by=args.correct_by)
+        metrics = evaluate(policy, rewards, dataset, args.max_examples or cfg.run.eval_max_examples, k=args.k,
+                           seed=cfg.run.seed, correct_by=args.correct_by)
     finally:
-        gen.close()
+        rewards.close()
     print(f"evaluation of {source} on {cfg.data.source}:{split}")
     for key, value in metrics.items():
         print(f"  {key[5:]:<24} {value:.4f}")

@@ -42,25 +42,18 @@ def main(args: argparse.Namespace) -> int:
 
 
 def export_run(args: argparse.Namespace) -> int:
+    from grpo_jax.checkpoint import checkpoint_params
     from grpo_jax.config import load_config
-    from grpo_jax.loop import checkpoint_params
-    from grpo_jax.models.hf import config_from_hf, export_hf, read_hf_config, resolve_model_dir
-    from grpo_jax.models.transformer import TransformerConfig
+    from grpo_jax.models.hf import export_hf
+    from grpo_jax.policy import model_config, model_source
 
     run = Path(args.run)
     if not (run / "config.yaml").exists():
         raise ValueError(f"{run} has no config.yaml: not a training run directory")
     cfg = load_config(run / "config.yaml")
     params, step = checkpoint_params(run, args.step, args.best)
-    base = Path(cfg.model.path)
-    if (base / "model_config.json").exists():
-        model_config = TransformerConfig.from_json((base / "model_config.json").read_text())
-        tokenizer = cfg.model.tokenizer or base / "tokenizer"
-    else:
-        folder = resolve_model_dir(cfg.model.path)
-        model_config = config_from_hf(read_hf_config(folder), param_dtype=cfg.model.param_dtype)
-        tokenizer = cfg.model.tokenizer or folder
-    out = export_hf(params, model_config, args.out, tokenizer=tokenizer, max_shard_size=args.max_shard_size,
+    tokenizer = cfg.model.tokenizer or model_source(cfg.model.path).default_tokenizer()
+    out = export_hf(params, model_config(cfg.model), args.out, tokenizer=tokenizer, max_shard_size=args.max_shard_size,
                     dtype=args.dtype)
     print(f"wrote Hugging Face folder {out} from {run} step {step}")
     return 0

@@ -31,7 +31,8 @@ CHILD_ENV = "GRPO_JAX_PLAN_CHILD"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from grpo_jax.planner import DEVICE_MEMORY_GIB, PRESETS
+    from grpo_jax.models.presets import PRESETS
+    from grpo_jax.planner import DEVICE_MEMORY_GIB
 
     add_config_arguments(parser)
     parser.add_argument("--devices", type=int, default=None, metavar="N",

@@ -9,7 +9,6 @@ importance-sampling levels and beta 0 / > 0, on one device and on a data x fsdp 
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import jax
@@ -21,12 +20,18 @@ from flax import nnx
 
 from grpo_jax import sharding
 from grpo_jax.config import load_config
-from grpo_jax.models import transformer as tf
+from grpo_jax.models import transformer
 from grpo_jax.objective import StepTotals, policy_loss
-from grpo_jax.trainer import (assemble_batch, init_train_state, join_micro_batches, make_steps, micro_batch_count,
-                              split_micro_batches)
+from grpo_jax.trainer import (
+    assemble_batch,
+    init_train_state,
+    join_micro_batches,
+    make_steps,
+    micro_batch_count,
+    split_micro_batches,
+)
 
-CONFIG = tf.TransformerConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=4,
+CONFIG = transformer.TransformerConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=4,
                               num_kv_heads=2, head_dim=4)
 ROWS, PROMPT, COMPLETION = 8, 6, 10
 LR = 0.5
@@ -56,15 +61,15 @@ def build(overrides, mesh=None):
                              f"--data.batch_size={ROWS // 2}", "--rollout.group_size=2",
                              f"--rollout.max_completion_length={COMPLETION}", "--grpo.num_iterations=2", *overrides])
     optimizer = optax.chain(record_gradients(), optax.sgd(LR))
-    params = nnx.to_pure_dict(nnx.state(tf.Transformer(CONFIG, rngs=nnx.Rngs(0)), nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(transformer.Transformer(CONFIG, rngs=nnx.Rngs(0)), nnx.Param))
     state = init_train_state(params, optimizer, jax.random.PRNGKey(0), keep_reference=True)
     shardings = None
     if mesh is not None:
-        abs_model = tf.abstract_model(CONFIG)
-        shardings = sharding.train_state_shardings(state, optimizer, tf.param_shardings(abs_model, mesh,
+        abs_model = transformer.abstract_model(CONFIG)
+        shardings = sharding.train_state_shardings(state, optimizer, transformer.param_shardings(abs_model, mesh,
                                                                                         sharding.DEFAULT_RULES), mesh)
         state = jax.device_put(state, shardings)
-    return cfg, state, make_steps(functools.partial(tf.apply, CONFIG), optimizer, cfg, shardings)
+    return cfg, state, make_steps(transformer.Decoder(CONFIG), optimizer, cfg, shardings)
 
 
 def one_update(overrides, micro, mesh=None):
@@ -102,7 +107,7 @@ def test_micro_batch_shares_add_up_to_the_whole_loss():
                                  f"--grpo.beta={beta}", "--grpo.epsilon=0.1"]).grpo
         totals = StepTotals(sequences=ROWS, tokens=jnp.sum(jnp.asarray(mask, jnp.float32)))
 
-        def loss(lp, rows, totals):
+        def loss(lp, rows, totals, cfg=cfg):
             return policy_loss(lp, old[rows], ref[rows], adv[rows], mask[rows], cfg, totals=totals,
                                max_completion_length=COMPLETION)
 

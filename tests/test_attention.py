@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax.models.attention import AttentionMask, blockwise_attention, block_mask, dense_attention, window_of
+from grpo_jax.models.attention import AttentionMask, block_mask, blockwise_attention, dense_attention, window_of
 
 BLOCK = 16
 

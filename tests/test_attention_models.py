@@ -14,15 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-
 from model_fixtures import FAMILIES, VOCAB, greedy_decode, left_padded_batch
 
-from grpo_jax.models import Transformer
-from grpo_jax.models import transformer as tf
+from grpo_jax.models import Transformer, transformer
 from grpo_jax.models.hf import config_from_hf
 
 
-def family_config(family: str, **overrides) -> tf.TransformerConfig:
+def family_config(family: str, **overrides) -> transformer.TransformerConfig:
     config_cls, _, kwargs = FAMILIES[family]
     hf = getattr(transformers, config_cls)(vocab_size=VOCAB, **kwargs).to_dict()
     return config_from_hf(hf, **overrides)
@@ -37,12 +35,12 @@ def random_params(config, seed=0):
 
 
 def logits_and_grads(config, params, tokens, mask, mesh=None):
-    positions = tf.positions_from_mask(mask)
+    positions = transformer.positions_from_mask(mask)
     cot = jax.random.normal(jax.random.PRNGKey(7), tokens.shape + (config.vocab_size,)) * mask[..., None]
 
     def loss(p):
-        with tf.shard_activations(mesh):  # rows split over the mesh, as the trainer's steps run
-            logits, _ = tf.apply(config, p, tokens, positions, mask)
+        with transformer.shard_activations(mesh):  # rows split over the mesh, as the trainer's steps run
+            logits, _ = transformer.apply(config, p, tokens, positions, mask)
         return jnp.sum(logits * cot), logits
 
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)

@@ -7,17 +7,10 @@ import subprocess
 import sys
 
 import pytest
-
-from tiny import make_tiny_model
-from test_train_e2e import target_config
+from tiny import target_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def train(model, run_dir, *extra):
@@ -126,7 +119,7 @@ def failing_save(self, step, *a, **k):
     return real_save(self, step, *a, **k)
 ocp.CheckpointManager.save = failing_save
 from launch.__main__ import main
-from test_train_e2e import target_config
+from tiny import target_config
 sys.exit(main(["train", *target_config({str(tiny_model)!r}, {str(run_dir)!r}, "--run.steps=3",
                 "--data.eval_split=null", "--checkpoint.every_steps=1", "--checkpoint.async_save=false")]))
 """

@@ -51,18 +51,19 @@ def test_completion_logprobs_from_hidden_states_match_full_logits():
     import numpy as np
     from flax import nnx
 
-    from grpo_jax.models import transformer as tf
+    from grpo_jax.models import transformer
     from grpo_jax.trainer import assemble_batch, completion_logprobs
 
-    config = tf.TransformerConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                                  num_kv_heads=2, head_dim=8, tie_word_embeddings=True, final_logit_softcap=5.0)
-    params = nnx.to_pure_dict(nnx.state(tf.Transformer(config, rngs=nnx.Rngs(0)), nnx.Param))
+    config = transformer.TransformerConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2,
+                                           num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True,
+                                           final_logit_softcap=5.0)
+    params = nnx.to_pure_dict(nnx.state(transformer.Transformer(config, rngs=nnx.Rngs(0)), nnx.Param))
     rng = np.random.default_rng(0)
     prompt_mask = np.array([[False, True, True], [True, True, True]])
     batch = assemble_batch(rng.integers(0, 50, (2, 3)), prompt_mask, rng.integers(0, 50, (2, 130)),
                            np.ones((2, 130), bool), jnp.zeros(2))
-    chunked = functools.partial(tf.apply, config)
-    full = lambda *args: tf.apply(config, *args)  # noqa: E731 - not a partial: the full-logits path
+    chunked = transformer.Decoder(config)
+    full = lambda *args: transformer.apply(config, *args)  # noqa: E731 - not a partial: the full-logits path
 
     def total(forward, p):
         return jnp.sum(completion_logprobs(forward, p, batch, 0.7))

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from grpo_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
-from grpo_jax.config import CheckpointConfig
+from grpo_jax.config import CheckpointConfig, OptimConfig
 from grpo_jax.optim import make_optimizer
-from grpo_jax.config import OptimConfig
 from grpo_jax.trainer import init_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +24,8 @@ def make_state(seed=0, reference=True):
     state = init_train_state(params, opt, jax.random.PRNGKey(seed + 1), keep_reference=reference)
     grads = jax.tree.map(jnp.ones_like, params)
     updates, opt_state = opt.update(grads, state.opt_state, params)
-    return state.replace(params=jax.tree.map(lambda p, u: p + u, params, updates), opt_state=opt_state, step=jnp.int32(3))
+    return state.replace(params=jax.tree.map(lambda p, u: p + u, params, updates), opt_state=opt_state,
+                         step=jnp.int32(3))
 
 
 def assert_same(a, b):

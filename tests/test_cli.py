@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def launch(*args, cwd=ROOT):
     env = {k: v for k, v in os.environ.items() if k != "GRPO_JAX_DEBUG"}
     env["PYTHONPATH"] = ROOT
-    return subprocess.run([sys.executable, "-m", "launch", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "launch", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_help_lists_commands_and_each_command_documents_its_flags():

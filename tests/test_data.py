@@ -154,7 +154,8 @@ def test_jsonl_source_and_splits(tmp_path):
 
 def test_jsonl_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "train.jsonl"
-    write_jsonl(path, [{"question": "a", "answer": "1"}, "", '{"question": "b", "answer": ', {"question": "c", "answer": "3"}])
+    write_jsonl(path, [{"question": "a", "answer": "1"}, "", '{"question": "b", "answer": ',
+                       {"question": "c", "answer": "3"}])
     with pytest.raises(DataError) as e:
         load_dataset(cfg(source="jsonl", path=str(path)), "train")
     msg = str(e.value)
@@ -361,7 +362,7 @@ def test_chat_template_and_system_prompt(tokenizer):
 
 
 def test_assistant_prefix_ends_the_prompt_and_starts_each_completion(tokenizer):
-    from grpo_jax.loop import decode_completions
+    from grpo_jax.policy import decode_completions
 
     fmt = PromptFormatter.from_config(cfg(assistant_prefix=" c"), tokenizer)
     assert fmt.text("a b") == "<s><|user|> a b <|end|> <|assistant|> c"
@@ -437,7 +438,7 @@ def test_iterator_resume_mid_epoch_gives_the_same_batches():
 def test_iterator_shards_union_to_the_global_batch():
     ds = numbered(17)
     glob = batches(ds, 6, seed=2)
-    p0, p1 = batches(ds, 6, seed=2, process_index=0, process_count=2), batches(ds, 6, seed=2, process_index=1, process_count=2)
+    p0, p1 = (batches(ds, 6, seed=2, process_index=i, process_count=2) for i in (0, 1))
     for _ in range(7):
         g, a, b = next(glob), next(p0), next(p1)
         assert len(a["index"]) == len(b["index"]) == 3

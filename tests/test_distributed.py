@@ -36,7 +36,8 @@ def _worker(process_id: int, port: int, mode: str) -> None:
     again = distributed.initialize(cfg)  # idempotent
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from grpo_jax import sharding
 

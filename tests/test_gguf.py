@@ -438,12 +438,11 @@ def test_smollm2_logits_and_greedy_match_transformers(tokenizers_pair, models_pa
 
 def test_smollm2_our_flax_model_matches_transformers_gguf_loader(tokenizers_pair, models_pair, smollm2_hf):
     """The whole chain: GGUF -> HF folder -> our Flax decoder and sampler == transformers on the GGUF."""
-    import functools
 
     import jax
     from flax import nnx
 
-    from grpo_jax.models import transformer as tf
+    from grpo_jax.models import transformer
     from grpo_jax.models.hf import load_hf
     from grpo_jax.rollout import SamplingParams, generate
 
@@ -455,10 +454,11 @@ def test_smollm2_our_flax_model_matches_transformers_gguf_loader(tokenizers_pair
     batch = tok([prompt, "The quick brown fox jumps over the lazy dog because"], return_tensors="np",
                 padding=True, padding_side="left")
     ids, mask = batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(bool)
-    ours, _ = tf.apply(config, params, ids, tf.positions_from_mask(mask), mask)
+    ours, _ = transformer.apply(config, params, ids, transformer.positions_from_mask(mask), mask)
     with torch.no_grad():
         want = ref(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
-                   position_ids=torch.tensor(np.asarray(tf.positions_from_mask(mask)), dtype=torch.long)).logits
+                   position_ids=torch.tensor(np.asarray(transformer.positions_from_mask(mask)),
+                                             dtype=torch.long)).logits
     diff = np.abs(np.asarray(ours) - want.numpy())[mask].max()
     assert diff < 1e-3, diff
 
@@ -467,9 +467,9 @@ def test_smollm2_our_flax_model_matches_transformers_gguf_loader(tokenizers_pair
         greedy_ref = ref.generate(input_ids=torch.tensor(one["input_ids"]), max_new_tokens=20, do_sample=False,
                                   pad_token_id=tok.pad_token_id)[0, one["input_ids"].shape[1]:].tolist()
     sp = SamplingParams(20, temperature=0.0, stop_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
-    out = generate(functools.partial(tf.apply, config), functools.partial(tf.init_cache, config), params,
-                   one["input_ids"].astype(np.int32), one["attention_mask"].astype(bool), jax.random.PRNGKey(0), sp,
-                   buckets=(64,))
+    decoder = transformer.Decoder(config)
+    out = generate(decoder, decoder.init_cache, params, one["input_ids"].astype(np.int32),
+                   one["attention_mask"].astype(bool), jax.random.PRNGKey(0), sp, buckets=(64,))
     greedy_ours = np.asarray(out.tokens)[0][np.asarray(out.mask)[0]].tolist()
     assert greedy_ours == greedy_ref[: len(greedy_ours)] and len(greedy_ours) == len(greedy_ref)
     assert "Paris" in tok.decode(greedy_ours, skip_special_tokens=True)

@@ -90,8 +90,9 @@ def test_family_matches_transformers(family, hf_models):
     np.testing.assert_array_equal(ids, ref_ids)
 
     if family in FEATURE_SWITCH:
-        from grpo_jax.models import Transformer
         from flax import nnx
+
+        from grpo_jax.models import Transformer
 
         other = nnx.merge(nnx.graphdef(Transformer(cfg.replace(**FEATURE_SWITCH[family]), rngs=nnx.Rngs(0))),
                           nnx.state(model))
@@ -120,7 +121,8 @@ def test_gradients_match_torch_autograd(family, hf_models, tmp_path):
     tm.zero_grad()
     logits = tm(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
                 position_ids=torch.tensor(hf_positions(mask), dtype=torch.long)).logits
-    logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, torch.tensor(tokens[:, 1:, None], dtype=torch.long))
+    targets = torch.tensor(tokens[:, 1:, None], dtype=torch.long)
+    logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, targets)
     (logp[..., 0] * torch.tensor(valid)).sum().backward()
 
     graphdef, state = nnx.split(model)

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from model_fixtures import greedy_decode, left_padded_batch, max_diff_valid, ours_logits
 
 from grpo_jax.models import (

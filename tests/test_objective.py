@@ -116,7 +116,8 @@ def test_advantage_input_errors():
 
 def test_advantages_jit():
     f = jax.jit(group_advantages, static_argnums=(1, 2))
-    np.testing.assert_allclose(f(jnp.array([1.0, 0.9, 0.0, 1.0]), 4, "group"), [0.56616, 0.36028, -1.49261, 0.56616], atol=1e-5)
+    np.testing.assert_allclose(f(jnp.array([1.0, 0.9, 0.0, 1.0]), 4, "group"), [0.56616, 0.36028, -1.49261, 0.56616],
+                               atol=1e-5)
 
 
 # ------------------------------------------------------------------ token log-probs
@@ -141,7 +142,8 @@ def test_token_logprobs_chunked_matches_reference(chunk_size, temperature):
     assert lp.dtype == jnp.float32 and lp.shape == (3, 7)
     np.testing.assert_allclose(lp, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ent, want_ent, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(token_entropy(jnp.asarray(logits), temperature, chunk_size), want_ent, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(token_entropy(jnp.asarray(logits), temperature, chunk_size), want_ent,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_token_logprobs_bf16_input_and_gradient_through_chunks():
@@ -163,8 +165,8 @@ def test_token_logprobs_bf16_input_and_gradient_through_chunks():
 CASES = [
     dict(loss_type=lt, beta=beta, importance_sampling_level=lvl, epsilon_high=eh, delta=delta)
     for lt in ("grpo", "bnpo", "dr_grpo", "dapo")
-    for beta, lvl, eh, delta in [(0.0, "token", None, None), (0.04, "token", 0.28, None), (0.04, "sequence", None, None),
-                                 (0.1, "token", None, 1.5)]
+    for beta, lvl, eh, delta in [(0.0, "token", None, None), (0.04, "token", 0.28, None),
+                                 (0.04, "sequence", None, None), (0.1, "token", None, 1.5)]
 ]
 
 
@@ -178,7 +180,8 @@ def test_policy_loss_matches_numpy_reference(case):
     if cfg.loss_type == "dr_grpo":
         kwargs["max_completion_length"] = 10
     loss, metrics = jax.jit(lambda *a: policy_loss(*a, cfg, **kwargs))(logp, old, ref, adv, mask)
-    want, ratios = np_policy_loss(logp, old, ref, adv, mask, cfg, kwargs.get("num_items_in_batch"), kwargs.get("max_completion_length"))
+    want, ratios = np_policy_loss(logp, old, ref, adv, mask, cfg, kwargs.get("num_items_in_batch"),
+                                  kwargs.get("max_completion_length"))
     np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-7)
     # clip metrics
     m = mask.astype(bool)
@@ -211,7 +214,8 @@ def test_entropy_metric_from_logits():
     targets = rng.integers(0, 11, (2, 3))
     logp, ent = np_logprobs(logits, targets, 1.0)
     mask = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
-    _, m = policy_loss(jnp.asarray(logp, jnp.float32), None, None, jnp.ones(2), mask, GRPOConfig(beta=0), logits=jnp.asarray(logits))
+    _, m = policy_loss(jnp.asarray(logp, jnp.float32), None, None, jnp.ones(2), mask, GRPOConfig(beta=0),
+                       logits=jnp.asarray(logits))
     np.testing.assert_allclose(float(m["entropy"]), ent[mask.astype(bool)].mean(), rtol=1e-5)
 
 
@@ -259,7 +263,8 @@ def test_padding_changes_nothing_even_when_garbage():
     assert float(loss) == float(loss2)
     for k in metrics:
         assert float(metrics[k]) == float(metrics2[k]), k
-    grad = jax.grad(lambda lp: policy_loss(lp, junk(old, -np.inf), ref, adv, mask, cfg)[0])(jnp.asarray(junk(logp, np.nan)))
+    loss = lambda lp: policy_loss(lp, junk(old, -np.inf), ref, adv, mask, cfg)[0]
+    grad = jax.grad(loss)(jnp.asarray(junk(logp, np.nan)))
     assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[pad] == 0)
 
 

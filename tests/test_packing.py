@@ -8,7 +8,6 @@ metrics and gradients agree to float32 rounding, with gradient accumulation and 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +18,11 @@ from flax import nnx
 
 from grpo_jax import packing, sharding
 from grpo_jax.config import load_config
-from grpo_jax.models import Transformer
-from grpo_jax.models import transformer as tf
+from grpo_jax.models import Transformer, transformer
 from grpo_jax.trainer import assemble_batch, init_train_state, make_steps, packed_batch
 
 # Gemma-2-like: soft-caps and a sliding window shorter than the sequences, so segments must not leak
-CONFIG = tf.TransformerConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
+CONFIG = transformer.TransformerConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
                               num_kv_heads=2, head_dim=4, attn_logit_softcap=20.0, sliding_window=5,
                               layer_types=("sliding_attention", "full_attention"), attention_impl="dense")
 ROWS, PROMPT, COMPLETION = 8, 6, 12
@@ -83,9 +81,10 @@ def run(packed: bool, micro: int = 0, mesh=None, config=CONFIG):
     shardings = None
     if mesh is not None:
         shardings = sharding.train_state_shardings(
-            state, optimizer, tf.param_shardings(tf.abstract_model(config), mesh, sharding.DEFAULT_RULES), mesh)
+            state, optimizer,
+            transformer.param_shardings(transformer.abstract_model(config), mesh, sharding.DEFAULT_RULES), mesh)
         state = jax.device_put(state, shardings)
-    logps, update = make_steps(functools.partial(tf.apply, config), optimizer, cfg, shardings)
+    logps, update = make_steps(transformer.Decoder(config), optimizer, cfg, shardings)
     prompt_ids, prompt_mask, completion_ids, completion_mask, adv = sequences()
     order = np.arange(ROWS)
     if packed:

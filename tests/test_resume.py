@@ -9,17 +9,10 @@ import time
 
 import numpy as np
 import pytest
-
-from tiny import make_tiny_model
-from test_train_e2e import target_config
+from tiny import target_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def train_cmd(model, run_dir, steps=6, *extra):

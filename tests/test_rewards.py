@@ -122,7 +122,8 @@ def test_accuracy_exact_fallback_without_math_verify(math_verify_mode, completio
 def test_math_verify_in_worker_threads(math_verify_mode, mode):
     math_verify_mode(mode=mode)
     assert rmath.math_verify_available()
-    pairs = [("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"), ("2\\sqrt{2}", "\\sqrt{8}"), ("x = 5", "5"), ("3", "4")] * 4
+    pairs = [("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"), ("2\\sqrt{2}", "\\sqrt{8}"), ("x = 5", "5"),
+             ("3", "4")] * 4
 
     def check(pair):
         assert threading.current_thread() is not threading.main_thread()
@@ -379,7 +380,8 @@ def test_registry_names_and_specs():
         assert name in names
     assert get_reward("accuracy") is rmath.accuracy
     assert get_reward("cosine(max_len=10)").reward_name == "cosine"
-    assert parse_spec("cosine(max_len=10, min_value_wrong=-2.0)") == ("cosine", {"max_len": 10, "min_value_wrong": -2.0})
+    assert parse_spec("cosine(max_len=10, min_value_wrong=-2.0)") == ("cosine",
+                                                                       {"max_len": 10, "min_value_wrong": -2.0})
     assert parse_spec({"name": "cosine", "max_len": 10}) == ("cosine", {"max_len": 10})
     assert parse_spec(" accuracy ") == ("accuracy", {})
 
@@ -530,7 +532,8 @@ def test_on_error_group_reward_is_not_rerun_per_completion():
     group_fn.per_completion = False
     result = compute_rewards([group_fn], None, ["p"] * 2, ["a", "b"], on_error="none")
     assert np.isnan(result.rewards).all() and result.num_errors == {"group_fn": 2}
-    with pytest.raises(RewardError, match="reward 'group_fn' raised RuntimeError: needs the whole group on a batch of 2"):
+    with pytest.raises(RewardError,
+                       match="reward 'group_fn' raised RuntimeError: needs the whole group on a batch of 2"):
         compute_rewards([group_fn], None, ["p"] * 2, ["a", "b"], on_error="stop")
 
 

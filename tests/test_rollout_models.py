@@ -1,24 +1,24 @@
 """The sampler on real decoders: greedy equals transformers' generate; sampled log-probs
 equal a full forward's; shared prefill equals the plain path."""
 
-import functools
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from model_fixtures import PAD, left_padded_batch, make_hf_model, torch_greedy
 
-from grpo_jax.models import transformer as tf
+from grpo_jax.models import transformer
 from grpo_jax.models.hf import load_hf
 from grpo_jax.rollout import SamplingParams, generate, row_keys
 from grpo_jax.trainer import assemble_batch, completion_logprobs
-from model_fixtures import PAD, left_padded_batch, make_hf_model, torch_greedy
 
 
 def policy(folder):
     model, config = load_hf(folder)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return params, functools.partial(tf.apply, config), functools.partial(tf.init_cache, config)
+    decoder = transformer.Decoder(config)
+    return params, decoder, decoder.init_cache
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen2", "gemma2"])
@@ -102,7 +102,7 @@ def test_rollout_under_a_mesh_shards_and_matches():
         from flax import nnx
         from grpo_jax import sharding
         from grpo_jax.config import MeshConfig
-        from grpo_jax.models import transformer as tf
+        from grpo_jax.models import transformer
         from grpo_jax.models.hf import load_hf
         from grpo_jax.rollout import SamplingParams, generate
         from model_fixtures import make_hf_model, left_padded_batch
@@ -110,7 +110,7 @@ def test_rollout_under_a_mesh_shards_and_matches():
         mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
         outs = []
         for shard in (False, True):
-            sh = (lambda c, m: tf.param_shardings(m, mesh, sharding.DEFAULT_RULES)) if shard else None
+            sh = (lambda c, m: transformer.param_shardings(m, mesh, sharding.DEFAULT_RULES)) if shard else None
             model, config = load_hf(folder, shardings=sh)
             params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
             if shard:
@@ -120,9 +120,9 @@ def test_rollout_under_a_mesh_shards_and_matches():
                 tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
                 mask = jax.device_put(mask.astype(bool), sharding.batch_sharding(mesh))
             sp = SamplingParams(8, temperature=1.0, top_k=30, pad_token_id=0)
-            out = generate(functools.partial(tf.apply, config), functools.partial(tf.init_cache, config), params,
-                           np.asarray(tokens), np.asarray(mask).astype(bool), jax.random.PRNGKey(1), sp,
-                           group_size=2, buckets=(8,))
+            decoder = transformer.Decoder(config)
+            out = generate(decoder, decoder.init_cache, params, np.asarray(tokens), np.asarray(mask).astype(bool),
+                           jax.random.PRNGKey(1), sp, group_size=2, buckets=(8,))
             outs.append(np.asarray(out.tokens))
         np.testing.assert_array_equal(outs[0], outs[1])
         print("ok")

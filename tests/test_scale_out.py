@@ -34,7 +34,7 @@ def small_config(model_dir, run_dir, *extra):
     SGD: Adam's first update is about lr * sign(grad), which turns float32 noise in a
     near-zero gradient into a visible parameter difference; SGD's update shows the
     gradient itself."""
-    from test_train_e2e import target_config
+    from tiny import target_config
 
     return target_config(model_dir, run_dir, "--data.eval_split=null", "--rollout.max_prompt_length=48",
                          "--rollout.prompt_length_buckets=[48]", "--rollout.max_completion_length=6",
@@ -44,13 +44,6 @@ def small_config(model_dir, run_dir, *extra):
 
 def mesh_args(data, fsdp, tensor):
     return [f"--mesh.data={data}", f"--mesh.fsdp={fsdp}", f"--mesh.tensor={tensor}"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from tiny import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 # ---------------------------------------------------------------- one step on each mesh (in this process)
@@ -70,14 +63,14 @@ def one_step(model_dir, run_dir, mesh, monkeypatch):
     run = Run(load_config(None, small_config(model_dir, run_dir, *mesh_args(*mesh))))
     try:
         assert run.mesh.devices.size == int(np.prod(mesh))
-        rollout, enc_out = run.rollout, {}
+        sample, enc_out = run.policy.sample, {}
 
-        def recording_rollout(*args, **kwargs):
-            enc, out = rollout(*args, **kwargs)
-            enc_out["tokens"] = out.tokens
-            return enc, out
+        def recording_sample(*args, **kwargs):
+            samples = sample(*args, **kwargs)
+            enc_out["tokens"] = samples.local.tokens
+            return samples
 
-        run.rollout = recording_rollout
+        run.policy.sample = recording_sample
         metrics = run.step(0)
         params = jax.tree.map(np.asarray, jax.device_get(run.state.params))
     finally:
@@ -158,8 +151,9 @@ def test_two_processes_train_like_one_and_stop_when_one_dies(tiny_model, tmp_pat
     must exit non-zero, saying why, within 2 minutes (heartbeat timeout here 10 s; default 100 s)."""
     import jax
 
+    from grpo_jax.checkpoint import checkpoint_params
     from grpo_jax.config import load_config
-    from grpo_jax.loop import checkpoint_params, train
+    from grpo_jax.loop import train
     from grpo_jax.metrics import read_metrics
 
     port, run_dir = _free_port(), tmp_path / "two"

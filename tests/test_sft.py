@@ -5,8 +5,8 @@ import json
 import numpy as np
 
 from grpo_jax.config import load_config
-from grpo_jax.loop import Generation
 from grpo_jax.models.tiny import char_tokenizer, make_char_model
+from grpo_jax.policy import Policy
 from grpo_jax.sft import completion_targets, pad_right, run_sft
 
 
@@ -29,8 +29,9 @@ def test_completion_targets_drop_the_assistant_prefix_the_prompt_already_ends_wi
     tok = char_tokenizer()
     rows = {"prompt": ["p"], "answer": ["13"]}
     eos = [tok.eos_token_id]
-    assert completion_targets(tok, rows, "=>{answer}", 8, prefix="=>") == [tok("13", add_special_tokens=False)["input_ids"] + eos]
-    assert completion_targets(tok, rows, "{answer}", 8, prefix="=>") == [tok("13", add_special_tokens=False)["input_ids"] + eos]
+    thirteen = tok("13", add_special_tokens=False)["input_ids"]
+    assert completion_targets(tok, rows, "=>{answer}", 8, prefix="=>") == [thirteen + eos]
+    assert completion_targets(tok, rows, "{answer}", 8, prefix="=>") == [thirteen + eos]
     assert completion_targets(tok, rows, "=>{answer}", 8) == [tok("=>13", add_special_tokens=False)["input_ids"] + eos]
 
 
@@ -44,8 +45,5 @@ def test_sft_lowers_the_loss_and_writes_a_model_grpo_can_load(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["sft/loss"] for r in rows]
     assert len(losses) == 40 and np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
-    gen = Generation(load_config(None, [*args, f"--model.path={model_dir}"]))
-    try:
-        assert gen.policy.config.num_layers == 2
-    finally:
-        gen.close()
+    policy = Policy.load(load_config(None, [*args, f"--model.path={model_dir}"]))
+    assert policy.config.num_layers == 2

@@ -16,7 +16,14 @@ from grpo_jax import group_advantages
 from grpo_jax.config import load_config
 from grpo_jax.optim import learning_rate_schedule, make_optimizer
 from grpo_jax.rollout import SamplingParams, generate
-from grpo_jax.trainer import assemble_batch, completion_logprobs, init_train_state, make_steps, train_on_batch
+from grpo_jax.trainer import (
+    assemble_batch,
+    completion_logprobs,
+    init_train_state,
+    make_steps,
+    minibatch_order,
+    train_on_batch,
+)
 
 V, TARGET = 16, 7
 
@@ -34,7 +41,7 @@ def forward(params, tokens, positions, mask, cache):
     return logits, cache
 
 
-def run_grpo(overrides, steps, seed=0):
+def run_grpo(overrides, steps, seed=0, shuffle=False):
     cfg = load_config(None, ["--rollout.group_size=8", "--rollout.max_completion_length=6", "--data.batch_size=4",
                              "--optim.learning_rate=0.2", "--rewards.functions=[target]", *overrides])
     optimizer = make_optimizer(cfg.optim, steps * cfg.grpo.num_iterations * cfg.grpo.num_minibatches)
@@ -51,7 +58,8 @@ def run_grpo(overrides, steps, seed=0):
         rewards = jnp.sum((out.tokens == TARGET) & out.mask, axis=1) / out.mask.shape[1]
         adv = group_advantages(rewards, 8, cfg.grpo.scale_rewards, cfg.grpo.advantage_eps)
         batch = assemble_batch(np.repeat(prompts, 8, 0), np.repeat(pmask, 8, 0), out.tokens, out.mask, adv)
-        state, metrics = train_on_batch(state, steps_fns[0](state, batch), steps_fns[1], cfg)
+        state, metrics = train_on_batch(state, steps_fns[0](state, batch), steps_fns[1], cfg,
+                                        shuffle_seed=(seed, step) if shuffle else None)
         history.append({"reward": float(rewards.mean()), **{k: float(v) for k, v in metrics.items()}})
     return state, history
 
@@ -85,6 +93,24 @@ def test_several_iterations_clip_at_high_learning_rate():
 def test_minibatches_use_recomputed_old_logprobs():
     _, history = run_grpo(["--grpo.num_minibatches=2", "--grpo.beta=0"], steps=2)
     assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+
+
+def test_minibatch_order_is_fresh_every_pass_and_step_and_the_same_after_a_resume():
+    orders = {(step, it): minibatch_order(0, step, it, 32) for step in range(3) for it in range(2)}
+    assert all(sorted(o) == list(range(32)) for o in orders.values())
+    assert len({tuple(o) for o in orders.values()}) == len(orders)  # two passes, three steps: six orders
+    np.testing.assert_array_equal(minibatch_order(0, 2, 1, 32), orders[2, 1])  # what a resumed run draws again
+    assert not np.array_equal(minibatch_order(1, 0, 0, 32), orders[0, 0])  # another seed, another order
+
+
+def test_shuffled_minibatches_are_wired_into_the_updates():
+    args = ["--grpo.num_minibatches=2", "--grpo.num_iterations=2", "--grpo.beta=0", "--optim.optimizer=sgd"]
+    shuffled, history = run_grpo(args, steps=2, shuffle=True)
+    again, history_again = run_grpo(args, steps=2, shuffle=True)
+    in_order, _ = run_grpo(args, steps=2)
+    assert history == history_again
+    np.testing.assert_array_equal(shuffled.params["table"], again.params["table"])
+    assert not np.allclose(shuffled.params["table"], in_order.params["table"])  # other rows in each update
 
 
 def test_non_finite_loss_skips_the_update():

@@ -27,3 +27,17 @@ def make_tiny_model(folder, seed: int = 0, hidden: int = 32, layers: int = 2, vo
     transformers.Qwen2ForCausalLM(config).save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def target_config(model_dir, run_dir, *extra):
+    """Flags of a short run on the tiny model that learns to emit "7" (the target_token reward)."""
+    target = make_tokenizer().convert_tokens_to_ids("7")
+    return [
+        f"--model.path={model_dir}", f"--run.output_dir={run_dir}", "--run.steps=20", "--run.seed=0",
+        "--data.source=arithmetic", "--data.batch_size=4", "--data.chat_template=false", "--data.eval_split=test",
+        "--rollout.group_size=8", "--rollout.max_completion_length=8", "--rollout.max_prompt_length=64",
+        "--rollout.prompt_length_buckets=[64]", "--rollout.temperature=1.0",
+        f"--rewards.functions=[target_token(token_id={target})]", "--optim.learning_rate=0.03",
+        "--grpo.beta=0.0", "--checkpoint.every_steps=0", "--run.eval_max_examples=8", "--logging.log_completions=1",
+        *extra,
+    ]

@@ -10,12 +10,13 @@
         batch["prompt"], cfg.rollout.max_prompt_length, cfg.data.overlong_prompts)
     it.state()                             # {"epoch", "position", "dropped"}: checkpoint it; restore with it.restore(s)
 
-See `sources.py` for the sources, `iterator.py` for ordering / sharding and
-`prompts.py` for templating.
+See `dataset.py` for the `Dataset` / `DataError` types, `sources.py` for the sources,
+`iterator.py` for ordering / sharding and `prompts.py` for templating.
 """
 
 from grpo_jax.data.builtin import ProceduralDataset, make_arithmetic, make_countdown, verify_countdown
-from grpo_jax.data.iterator import BatchIterator, batches, collate, epoch_permutation
+from grpo_jax.data.dataset import DataError, Dataset
+from grpo_jax.data.iterator import BatchIterator, batches, collate, epoch_permutation, run_batches
 from grpo_jax.data.prompts import (
     R1_SYSTEM_PROMPT,
     SYSTEM_PROMPTS,
@@ -26,8 +27,6 @@ from grpo_jax.data.prompts import (
     resolve_system_prompt,
 )
 from grpo_jax.data.sources import (
-    DataError,
-    Dataset,
     ListDataset,
     ReasoningGymDataset,
     TfdsDataset,
@@ -41,5 +40,5 @@ __all__ = [
     "BatchIterator", "DataError", "Dataset", "EncodedPrompts", "ListDataset", "ProceduralDataset", "PromptFormatter",
     "R1_SYSTEM_PROMPT", "ReasoningGymDataset", "SYSTEM_PROMPTS", "TfdsDataset", "batches", "collate", "encode_ids",
     "epoch_permutation", "load_dataset", "make_arithmetic", "make_countdown", "map_row", "pad_token_id",
-    "read_jsonl", "resolve_files", "resolve_system_prompt", "verify_countdown",
+    "read_jsonl", "resolve_files", "run_batches", "resolve_system_prompt", "verify_countdown",
 ]

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from grpo_jax.data.sources import DataError, Dataset
+from grpo_jax.data.dataset import DataError, Dataset
 
 HOLDOUT_BUCKETS = 10  # 1 in 10 problems is reserved for the held-out splits
 
@@ -160,7 +160,8 @@ def make_countdown(rng: np.random.Generator, num_numbers: Sequence[int] | int = 
             row = {"prompt": COUNTDOWN_PROMPT.format(numbers=numbers, target=target), "answer": str(target),
                    "numbers": numbers, "target": target, "solution": expr}
             return (tuple(sorted(numbers)), target), row
-    raise DataError("countdown: could not draw a problem; widen the number range or raise max_target")  # pragma: no cover
+    raise DataError(  # pragma: no cover
+        "countdown: could not draw a problem; widen the number range or raise max_target")
 
 
 _ALLOWED_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from grpo_jax.data.sources import DataError, Dataset
+from grpo_jax.data.dataset import DataError, Dataset
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -167,3 +167,16 @@ def batches(dataset: Dataset, batch_size: int, seed: int = 0, *, shuffle: bool =
     """A `BatchIterator`: endless over epochs for training (`repeat=True`), one pass for eval (`repeat=False`)."""
     return BatchIterator(dataset, batch_size, seed, shuffle=shuffle, repeat=repeat, process_index=process_index,
                          process_count=process_count, keep=keep, pad_last=pad_last, state=state)
+
+
+def run_batches(dataset: Dataset, cfg, formatter, process_index: int = 0, process_count: int = 1) -> BatchIterator:
+    """A training run's endless, resumable stream of data.batch_size prompts, this process's share of it.
+
+    cfg: the run's Config; formatter: its PromptFormatter (with data.overlong_prompts=drop, overlong
+    prompts are left out before they reach a batch, so batches stay full)."""
+    keep = None
+    if cfg.data.overlong_prompts == "drop":
+        limit = cfg.rollout.max_prompt_length
+        keep = lambda row: not formatter.is_overlong(row["prompt"], limit)
+    return batches(dataset, cfg.data.batch_size, cfg.run.seed, shuffle=cfg.data.shuffle, repeat=True,
+                   process_index=process_index, process_count=process_count, keep=keep)

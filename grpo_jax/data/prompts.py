@@ -22,7 +22,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from grpo_jax.data.sources import DataError
+from grpo_jax.config import OVERLONG_PROMPTS
+from grpo_jax.data.dataset import DataError
 
 R1_SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -133,8 +134,8 @@ def encode_ids(token_ids: Sequence[Sequence[int]], max_prompt_length: int, overl
     the prompt, next to the generation, matters most); "drop" leaves such rows out
     (`kept` says which rows remain).
     """
-    if overlong not in ("truncate_left", "drop"):
-        raise DataError(f"data.overlong_prompts={overlong!r}: expected truncate_left or drop")
+    if overlong not in OVERLONG_PROMPTS:
+        raise DataError(f"data.overlong_prompts={overlong!r}: expected one of {', '.join(OVERLONG_PROMPTS)}")
     if max_prompt_length <= 0:
         raise DataError("rollout.max_prompt_length must be positive")
     rows, kept, truncated, dropped = [], [], 0, 0
@@ -151,16 +152,30 @@ def encode_ids(token_ids: Sequence[Sequence[int]], max_prompt_length: int, overl
         rows.append(ids)
         kept.append(i)
     width = max((len(r) for r in rows), default=0)
-    if pad_to is not None:
-        if pad_to < width:
-            raise DataError(f"pad_to={pad_to} is shorter than the longest prompt ({width} tokens)")
-        width = pad_to
-    ids = np.full((len(rows), width), pad_id, np.int32)
+    if pad_to is not None and pad_to < width:
+        raise DataError(f"pad_to={pad_to} is shorter than the longest prompt ({width} tokens)")
+    ids = np.full((len(rows), width), pad_id, np.int32)  # the rows, right-aligned at the longest one's width
     mask = np.zeros((len(rows), width), bool)
     for r, row in enumerate(rows):
-        if row:
-            ids[r, width - len(row):] = row
-            mask[r, width - len(row):] = True
+        ids[r, width - len(row):] = row
+        mask[r, width - len(row):] = True
+    if pad_to is not None:
+        ids, mask = pad_prompts_left(ids, mask, pad_to, pad_id)
     return EncodedPrompts(ids=ids, mask=mask, lengths=np.array([len(r) for r in rows], np.int32),
                           kept=np.array(kept, np.int64), num_truncated=truncated, num_dropped=dropped,
                           texts=list(texts) if texts is not None else [])
+
+
+def pad_prompts_left(prompt_ids, prompt_mask, length: int, pad_token_id: int):
+    """Left-pad [B, P] prompts to [B, length] (host side, numpy): the one home of left padding (the
+    encoder, the sampler's prompt buckets and SFT all pad through it)."""
+    ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
+    extra = length - ids.shape[1]
+    if extra < 0:
+        # keep the right end: left-padded prompts may only drop leading padding
+        if mask[:, :-length].any():
+            raise ValueError(f"prompts hold more than {length} tokens")
+        return ids[:, -length:], mask[:, -length:]
+    ids = np.concatenate([np.full((ids.shape[0], extra), pad_token_id, ids.dtype), ids], axis=1)
+    mask = np.concatenate([np.zeros((mask.shape[0], extra), bool), mask], axis=1)
+    return ids, mask

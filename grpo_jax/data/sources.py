@@ -30,39 +30,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used; its message is one line meant for the user."""
-
-
-class Dataset:
-    """Random access to rows: `len(ds)`, `ds[i] -> dict` with `prompt` and `answer`."""
-
-    name: str = "dataset"
-    split: str = "train"
-
-    def __len__(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __iter__(self) -> Iterator[dict]:
-        for i in range(len(self)):
-            yield self[i]
-
-    def _check_index(self, index) -> int:
-        index = int(index)
-        n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"{self.name}: index {index} out of range for {n} rows")
-        return index
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, split={self.split!r}, rows={len(self)})"
+from grpo_jax.data.builtin import TASKS, builtin_dataset
+from grpo_jax.data.dataset import DataError, Dataset
 
 
 class ListDataset(Dataset):
@@ -100,7 +69,8 @@ def _to_prompt(value, where: str, column: str):
         return value
     if isinstance(value, (list, tuple)) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
         return [dict(m) for m in value]  # chat messages
-    raise DataError(f"{where}: column {column!r} holds {type(value).__name__}, expected text or a list of chat messages")
+    raise DataError(f"{where}: column {column!r} holds {type(value).__name__}, "
+                    "expected text or a list of chat messages")
 
 
 def map_row(row: dict, prompt_column: str, answer_column: Optional[str], where: str) -> dict:
@@ -321,12 +291,14 @@ class ReasoningGymDataset(Dataset):
         try:
             import reasoning_gym
         except ImportError:
-            raise DataError(f"reasoning_gym:{name} needs the reasoning-gym package: pip install reasoning-gym") from None
+            raise DataError(f"reasoning_gym:{name} needs the reasoning-gym package: "
+                            "pip install reasoning-gym") from None
         from reasoning_gym.factory import DATASETS
 
         if name not in DATASETS:
             near = difflib.get_close_matches(name, list(DATASETS), n=1)
-            hint = f"; did you mean {near[0]}?" if near else f"; {len(DATASETS)} datasets in reasoning_gym.factory.DATASETS"
+            hint = (f"; did you mean {near[0]}?" if near
+                    else f"; {len(DATASETS)} datasets in reasoning_gym.factory.DATASETS")
             raise DataError(f"unknown reasoning-gym dataset {name!r}{hint}")
         try:
             self.rg = reasoning_gym.create_dataset(name, size=int(size), seed=_rg_seed(seed, split), **(options or {}))
@@ -389,8 +361,6 @@ def load_dataset(data_cfg, split: Optional[str] = None, seed: int = 0) -> Datase
     train_size = int(data_cfg.num_examples)
     eval_size = int(data_cfg.num_eval_examples)
     size = train_size if split == data_cfg.split else eval_size
-
-    from grpo_jax.data.builtin import TASKS, builtin_dataset
 
     if source in TASKS:
         return builtin_dataset(source, split, seed, size, options)

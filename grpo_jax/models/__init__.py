@@ -1,5 +1,17 @@
 """Decoder model (Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 by config flags) and HF interop."""
 
+from grpo_jax.models.hf import (
+    SUPPORTED_MODEL_TYPES,
+    ModelLoadError,
+    check_tokenizer,
+    config_from_hf,
+    export_hf,
+    hf_config_from,
+    load_converted,
+    load_hf,
+    load_tokenizer,
+    save_converted,
+)
 from grpo_jax.models.transformer import (
     KVCache,
     Transformer,
@@ -13,18 +25,6 @@ from grpo_jax.models.transformer import (
     param_shardings,
     positions_from_mask,
     unembedding,
-)
-from grpo_jax.models.hf import (
-    SUPPORTED_MODEL_TYPES,
-    ModelLoadError,
-    check_tokenizer,
-    config_from_hf,
-    export_hf,
-    hf_config_from,
-    load_converted,
-    load_hf,
-    load_tokenizer,
-    save_converted,
 )
 
 __all__ = [

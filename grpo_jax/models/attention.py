@@ -5,7 +5,8 @@ Every backend computes the same thing (``dense`` is the definition):
     out[b, t, h] = softmax_s(softcap(scale * q[b, t, h] . k[b, s, h // G]))  over the keys s that
     query t may attend to, then the weighted sum of v[b, s, h // G]
 
-where query ``t`` may attend to key ``s`` when (:class:`AttentionMask`)
+where query ``t`` may attend to key ``s`` when (:class:`AttentionMask`, defined with ``MASK_VALUE``
+in ``attention_mask.py`` so that backends such as ``splash.py`` need not import this module)
 
     kv_valid[b, s]                                   (a real token, not padding)
     and kv_slots[s] <= q_slots[t]                    (causal, by slot in the sequence / cache)
@@ -31,19 +32,9 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-# A large negative, finite number: fully masked rows (pad queries) give a uniform
-# softmax instead of NaNs, so gradients stay finite.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-class AttentionMask(NamedTuple):
-    """Which keys each query sees, as vectors (see the module docstring for the rule)."""
-
-    q_slots: jax.Array  # [T] int32: slot of each query (its index in the sequence, or its cache slot)
-    kv_slots: jax.Array  # [S] int32: slot of each key
-    kv_valid: jax.Array  # [B, S] bool: the key is a real token
-    q_segments: Optional[jax.Array] = None  # [B, T] int32: packed-sequence id of each query
-    kv_segments: Optional[jax.Array] = None  # [B, S] int32: packed-sequence id of each key
+from grpo_jax.config import ATTENTION_IMPLS
+from grpo_jax.models import splash  # its Pallas import is deferred to the first splash call
+from grpo_jax.models.attention_mask import MASK_VALUE, AttentionMask
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -184,22 +175,22 @@ def _blockwise_fwd_impl(scale, cap, bq, bk, q, k, v, mask, window):
         qi = qb[i]
 
         def k_block(j, carry):
-            m, l, acc = carry
+            m, total, acc = carry
             s, _ = _scores(qi, kb[j], scale, cap)
             keep = _pair_mask(bm, window, i, j)
             m_new = jnp.maximum(m, jnp.where(keep, s, MASK_VALUE).max(-1))
             p = jnp.exp(jnp.where(keep, s - m_new[..., None], -jnp.inf))
             corr = jnp.exp(m - m_new)
-            l = l * corr + p.sum(-1)
+            total = total * corr + p.sum(-1)
             pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), vb[j], preferred_element_type=jnp.float32)
-            return m_new, l, acc * corr[..., None] + pv
+            return m_new, total, acc * corr[..., None] + pv
 
         init = (jnp.full((b, kv_heads, g, bq), MASK_VALUE, jnp.float32), jnp.zeros((b, kv_heads, g, bq), jnp.float32),
                 jnp.zeros((b, kv_heads, g, bq, dh), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(lo[i], hi[i], k_block, init)
-        seen = l > 0  # rows with no visible key: output 0, lse 0 (never used: their probabilities are all 0)
-        out = acc / jnp.where(seen, l, 1.0)[..., None]
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        m, total, acc = jax.lax.fori_loop(lo[i], hi[i], k_block, init)
+        seen = total > 0  # rows with no visible key: output 0, lse 0 (never used: their probabilities are all 0)
+        out = acc / jnp.where(seen, total, 1.0)[..., None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), 0.0)
         return None, (out.astype(q.dtype), lse)
 
     _, (out, lse) = jax.lax.scan(q_block, None, jnp.arange(nq))  # [nq, B, K, G, bq, Dh], [nq, B, K, G, bq]
@@ -356,7 +347,7 @@ def cached_attention(
 
 # ----------------------------------------------------------------------------- choosing a backend
 
-IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn")
+IMPLS = ATTENTION_IMPLS  # config.py is their one home
 # On CPU, `auto` keeps the dense path up to this many keys per query: there it is faster (XLA:CPU
 # runs one fused softmax) and its [T, S] scores still fit; beyond it, blockwise (BENCHMARKS.md).
 DENSE_MAX_KEYS_ON_CPU = 2048
@@ -417,9 +408,7 @@ def resolve_impl(impl: str, q, k, mask: AttentionMask, logit_softcap) -> tuple[s
 
 def _why_not(impl, q, k, mask, logit_softcap) -> Optional[str]:
     if impl == "splash":
-        from grpo_jax.models.splash import supports  # Pallas is imported only where splash is asked for
-
-        return supports(q, k, mask)
+        return splash.supports(q, k, mask)
     if impl == "cudnn":
         return cudnn_supports(q, k, mask, logit_softcap)
     return None
@@ -461,11 +450,9 @@ def attend(q, k, v, mask: AttentionMask, *, impl: str = "auto", scale: float, lo
     if why:
         _say_once(f"attention_impl={impl} does not apply ({why}); using blockwise for this call")
     if chosen == "splash":
-        from grpo_jax.models.splash import splash_attention
-
         t = q.shape[1]  # the configured blocks where the kernel takes them (dividing T, lane-aligned), else its own
         sizes = {name: b for name, b in (("block_q", block_q), ("block_kv", block_kv)) if t % b == 0 and b % 128 == 0}
-        kernel = lambda q, k, v, mask, flag: splash_attention(  # noqa: E731
+        kernel = lambda q, k, v, mask, flag: splash.splash_attention(  # noqa: E731
             q, k, v, mask, scale=scale, logit_softcap=logit_softcap, sliding_window=sliding_window,
             is_sliding=flag, block_sizes=sizes)
         return _per_device_rows(kernel, mesh, q, k, v, mask, is_sliding)

@@ -221,7 +221,8 @@ def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str) -> 
         )
     vocab = get("vocab_size")
     if vocab is None:
-        vocab = len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta else int(tensors["token_embd.weight"].shape[-1])
+        vocab = (len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta
+                 else int(tensors["token_embd.weight"].shape[-1]))
     theta = _f32(float(get("rope.freq_base", 10000.0)))
 
     rope_scaling = None

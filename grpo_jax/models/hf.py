@@ -166,7 +166,8 @@ class _WeightStore:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError) as e:
-                raise ModelLoadError(f"corrupt {index}: {str(e).splitlines()[0] if str(e) else 'no weight_map'}") from None
+                reason = str(e).splitlines()[0] if str(e) else "no weight_map"
+                raise ModelLoadError(f"corrupt {index}: {reason}") from None
             for fname in sorted(set(weight_map.values())):
                 if not (folder / fname).exists():
                     raise ModelLoadError(f"missing safetensors shard {folder / fname} (listed in {index.name})")

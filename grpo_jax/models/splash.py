@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax.models.attention import MASK_VALUE, AttentionMask
+from grpo_jax.models.attention_mask import MASK_VALUE, AttentionMask
 
 LANES = 128  # TPU lane width: the kernel's granularity along the kv axis
 SUBLANES = 8

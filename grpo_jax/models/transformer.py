@@ -36,19 +36,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax.config import ATTENTION_IMPLS, REMAT_POLICIES
 from grpo_jax.models import attention as A
 from grpo_jax.models import layers as L
+from grpo_jax.sharding import pin_rows, spec_for
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-REMAT_POLICIES = (
-    "none",
-    "full",
-    "nothing_saveable",
-    "dots_saveable",
-    "dots_with_no_batch_dims_saveable",
-    "everything_saveable",
-)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -122,13 +116,14 @@ class TransformerConfig:
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             if len(self.layer_types) != self.num_layers:
-                raise ValueError(f"layer_types has {len(self.layer_types)} entries, expected num_layers={self.num_layers}")
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries, "
+                                 f"expected num_layers={self.num_layers}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; supported: {', '.join(REMAT_POLICIES)}")
-        if self.attention_impl not in A.IMPLS:
-            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; supported: {', '.join(A.IMPLS)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; supported: {', '.join(ATTENTION_IMPLS)}")
         if self.norm_style not in ("llama", "gemma"):
             raise ValueError(f"unknown norm_style {self.norm_style!r}; supported: llama, gemma")
         L.activation_fn(self.activation)  # validates
@@ -356,6 +351,37 @@ def logits_from_hidden(config: TransformerConfig, params: dict, hidden: jax.Arra
     return A.softcap(logits, config.final_logit_softcap)
 
 
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """The decoder of one TransformerConfig as pure functions of a param dict.
+
+    What the sampler calls (`decoder(params, tokens, positions, mask, cache)`, `init_cache`)
+    and what the trainer calls (`hidden_states`, then `project` one chunk at a time, so the
+    [R, T, V] logits never exist whole). Frozen and hashable by its config: jitted programs
+    take it as a static argument, and two equal configs share their compiled programs.
+    """
+
+    config: TransformerConfig
+
+    def __call__(self, params, tokens, positions, attention_mask, cache: KVCache | None = None, *,
+                 segment_ids=None):
+        """(logits [B, T, V] float32, cache): `apply`."""
+        return apply(self.config, params, tokens, positions, attention_mask, cache, segment_ids=segment_ids)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        return init_cache(self.config, batch, max_len)
+
+    def hidden_states(self, params, tokens, positions, attention_mask, *, segment_ids=None) -> jax.Array:
+        """The final normed hidden states [B, T, D] of a training pass (no cache)."""
+        hidden, _ = apply(self.config, params, tokens, positions, attention_mask, None, return_hidden=True,
+                          segment_ids=segment_ids)
+        return hidden
+
+    def project(self, params, hidden: jax.Array) -> jax.Array:
+        """float32 logits [..., V] of hidden states [..., D] (`logits_from_hidden`)."""
+        return logits_from_hidden(self.config, params, hidden)
+
+
 def _remat_policy(name: str):
     cp = jax.checkpoint_policies
     return {
@@ -384,8 +410,6 @@ def shard_activations(mesh: jax.sharding.Mesh | None):
 
 def _rows_constraint(mesh):
     """x -> x with its leading (batch) axis split over data x fsdp, the rest replicated; identity without a mesh."""
-    from grpo_jax.sharding import pin_rows
-
     return lambda x: pin_rows(x, mesh)
 
 
@@ -559,7 +583,6 @@ def param_shardings(model_or_state, mesh: jax.sharding.Mesh, rules: dict[str, An
     rules maps a logical name to a mesh axis name, a tuple of them, or None (replicated);
     see ``grpo_jax.sharding.spec_for`` for how dims that do not divide are handled.
     """
-    from grpo_jax.sharding import spec_for
 
     flat_vars = _flat_variables(model_or_state)
     out = {path: jax.sharding.NamedSharding(mesh, spec_for(names, flat_vars[path].shape, mesh, rules))

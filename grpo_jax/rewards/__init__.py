@@ -10,6 +10,26 @@ reasoning_steps, length, cosine, repetition, soft_overlong, dataset_scorer,
 target_token (device).
 """
 
+from grpo_jax.rewards.compute import (
+    RewardResult,
+    RewardSet,
+    call_host_reward,
+    compute_rewards,
+    reward_columns,
+    validate_result,
+)
+from grpo_jax.rewards.device import make_target_token_reward
+from grpo_jax.rewards.format import format_lenient, format_reward, number_only, tag_count
+from grpo_jax.rewards.length import make_cosine_reward, make_length_reward, make_soft_overlong_reward
+from grpo_jax.rewards.math import (
+    accuracy,
+    answers_match,
+    extract_answer,
+    extract_reference,
+    is_correct,
+    last_boxed,
+    math_verify_available,
+)
 from grpo_jax.rewards.registry import (
     RewardError,
     available_rewards,
@@ -21,36 +41,18 @@ from grpo_jax.rewards.registry import (
     register_factory,
     reward_name,
 )
-from grpo_jax.rewards.compute import (
-    RewardResult,
-    RewardSet,
-    call_host_reward,
-    compute_rewards,
-    validate_result,
-)
-from grpo_jax.rewards.math import (
-    accuracy,
-    answers_match,
-    extract_answer,
-    extract_reference,
-    is_correct,
-    last_boxed,
-    math_verify_available,
-)
-from grpo_jax.rewards.format import format_lenient, format_reward, number_only, tag_count
+from grpo_jax.rewards.scorer import make_dataset_scorer_reward
 from grpo_jax.rewards.text import (
     make_language_consistency_reward,
     make_repetition_reward,
     reasoning_steps,
 )
-from grpo_jax.rewards.length import make_cosine_reward, make_length_reward, make_soft_overlong_reward
-from grpo_jax.rewards.scorer import make_dataset_scorer_reward
-from grpo_jax.rewards.device import make_target_token_reward
 
 __all__ = [
     "RewardError",
     "RewardResult",
     "RewardSet",
+    "reward_columns",
     "accuracy",
     "answers_match",
     "available_rewards",

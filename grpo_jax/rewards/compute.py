@@ -27,15 +27,15 @@ import math
 import threading
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from grpo_jax.config import ON_ERROR, OnError
 from grpo_jax.rewards.registry import RewardError, RewardFn, get_reward, is_device_reward, reward_name
 
 log = logging.getLogger(__name__)
 
-OnError = Literal["stop", "none"]
 
 
 @dataclass
@@ -174,7 +174,8 @@ def _recover(fn, name, prompts, completions, kw, on_error, batch_error) -> tuple
     values = np.full((n,), np.nan, dtype=np.float32)
     if not getattr(fn, "per_completion", True):  # group-dependent: single completions prove nothing
         if on_error == "stop":
-            raise RewardError(f"reward {name!r} raised {_one_line(batch_error)} on a batch of {n} completions") from batch_error
+            raise RewardError(f"reward {name!r} raised {_one_line(batch_error)} on a batch of {n} "
+                              "completions") from batch_error
         log.warning("reward %r failed on a batch of %d (scored None): %s", name, n, _one_line(batch_error))
         return values, n
     errors = 0
@@ -223,9 +224,11 @@ def _validate_inputs(prompts, completions, columns) -> dict[str, Any]:
         try:
             m = len(v)
         except TypeError:
-            raise RewardError(f"column {k!r} is a {type(v).__name__}, expected a list aligned with the completions") from None
+            raise RewardError(f"column {k!r} is a {type(v).__name__}, "
+                              "expected a list aligned with the completions") from None
         if m != n:
-            raise RewardError(f"column {k!r} has {m} values for {n} completions (repeat per-prompt columns per completion)")
+            raise RewardError(f"column {k!r} has {m} values for {n} completions "
+                              "(repeat per-prompt columns per completion)")
     return cols
 
 
@@ -280,6 +283,18 @@ def _gather(futures: list[Future], combine: Callable[[list[Any]], Any]) -> Futur
     return outer
 
 
+# batch columns that are not the dataset's own (the iterator's bookkeeping; the prompt is passed apart)
+SKIP_COLUMNS = ("prompt", "index", "valid")
+
+
+def reward_columns(batch: Mapping[str, Sequence], group_size: int, completion_lengths: np.ndarray) -> dict:
+    """The keyword columns reward functions get: each dataset column's value repeated for the
+    G completions of its prompt, plus each completion's length in tokens."""
+    cols = {k: [v for v in values for _ in range(group_size)] for k, values in batch.items() if k not in SKIP_COLUMNS}
+    cols["completion_lengths"] = [int(n) for n in completion_lengths]
+    return cols
+
+
 class RewardSet:
     """The configured reward functions, their weights and an error policy.
 
@@ -299,7 +314,7 @@ class RewardSet:
         executor: Optional[Executor] = None,
         context: Optional[Mapping[str, Any]] = None,
     ):
-        if on_error not in ("stop", "none"):
+        if on_error not in ON_ERROR:
             raise RewardError(f"on_error must be 'stop' or 'none', got {on_error!r}")
         if not fns:
             raise RewardError("no reward functions configured")
@@ -309,7 +324,8 @@ class RewardSet:
         if weights is None or len(weights) == 0:
             weights = [1.0] * len(self.fns)
         if len(weights) != len(self.fns):
-            raise RewardError(f"got {len(weights)} reward weights for {len(self.fns)} reward functions ({', '.join(self.names)})")
+            raise RewardError(f"got {len(weights)} reward weights for {len(self.fns)} reward functions "
+                              f"({', '.join(self.names)})")
         self.weights = np.asarray(weights, dtype=np.float32)
         self.on_error: OnError = on_error
         self.device_index = [k for k, f in enumerate(self.fns) if is_device_reward(f)]
@@ -318,6 +334,14 @@ class RewardSet:
         self._num_workers = num_workers
         self._executor: Optional[Executor] = executor
         self._device_fn_jit: Optional[Callable] = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "RewardSet":
+        """The rewards section of a run config (`grpo_jax.config.Config`)."""
+        return cls(cfg.rewards.functions, cfg.rewards.weights or None, on_error=cfg.rewards.on_error,
+                   num_workers=cfg.rewards.num_workers,
+                   context={"group_size": cfg.rollout.group_size,
+                            "max_completion_len": cfg.rollout.max_completion_length})
 
     # -- executor -------------------------------------------------------------
     @property
@@ -432,7 +456,8 @@ class RewardSet:
     compute = __call__
 
 
-def make_result(names: Sequence[str], weights: np.ndarray, matrix: np.ndarray, errors: Optional[dict] = None) -> RewardResult:
+def make_result(names: Sequence[str], weights: np.ndarray, matrix: np.ndarray,
+                errors: Optional[dict] = None) -> RewardResult:
     matrix = np.asarray(matrix, dtype=np.float32)
     weights = np.asarray(weights, dtype=np.float32)
     total = np.nansum(matrix * weights[None, :], axis=1).astype(np.float32)

@@ -227,7 +227,8 @@ def configure_math_verify(**changes: Any) -> MathVerifySettings:
     if changes.get("mode", previous.mode) not in ("subprocess", "inline", "off"):
         raise ValueError(f"math-verify mode must be subprocess, inline or off, got {changes['mode']!r}")
     SETTINGS = dataclasses.replace(previous, **changes)
-    if _POOL is not None and (SETTINGS.max_workers, SETTINGS.memory_limit_gb) != (previous.max_workers, previous.memory_limit_gb):
+    pool_settings = lambda s: (s.max_workers, s.memory_limit_gb)
+    if _POOL is not None and pool_settings(SETTINGS) != pool_settings(previous):
         _POOL.close()
         _POOL = None
     return previous

@@ -178,10 +178,12 @@ def _call_factory(name: str, factory: Callable[..., RewardFn], kwargs: dict, con
     takes_var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
     unknown = [k for k in kwargs if k not in params and not takes_var_kw]
     if unknown:
-        valid = [p for p in params if params[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+        variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+        valid = [p for p in params if params[p].kind not in variadic]
         near = difflib.get_close_matches(unknown[0], valid, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise RewardError(f"reward {name!r} has no parameter {unknown[0]!r} (parameters: {', '.join(valid) or 'none'}){hint}")
+        raise RewardError(f"reward {name!r} has no parameter {unknown[0]!r} "
+                          f"(parameters: {', '.join(valid) or 'none'}){hint}")
     full = {k: v for k, v in context.items() if k in params and k not in kwargs}
     full.update(kwargs)
     try:

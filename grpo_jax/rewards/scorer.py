@@ -54,7 +54,8 @@ def make_dataset_scorer_reward(extract: str = "answer_tag") -> Callable[..., lis
                 out.append(None)
                 continue
             if not callable(scorer):
-                raise RewardError(f"dataset_scorer: column 'scorer' row {i} is a {type(scorer).__name__}, not a callable")
+                raise RewardError(f"dataset_scorer: column 'scorer' row {i} is a {type(scorer).__name__}, "
+                                  "not a callable")
             entry = entries[i] if entries is not None else {k: v[i] for k, v in others.items()}
             score = scorer(_extract(completion, extract), entry)
             out.append(None if score is None else float(score))

@@ -92,7 +92,8 @@ def make_language_consistency_reward(target: str = "en", section: str = "all") -
     if section not in ("all", "think", "answer"):
         raise RewardError(f"language_consistency section must be all, think or answer, got {section!r}")
 
-    def language_consistency(prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[Optional[float]]:
+    def language_consistency(prompts: Sequence[str], completions: Sequence[str],
+                             **columns: Any) -> list[Optional[float]]:
         out: list[Optional[float]] = []
         for p, c in zip(prompts, completions):
             part = _section(with_prompt_prefix(p, c), section)
