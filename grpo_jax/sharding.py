@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from grpo_jax.config import MeshConfig
@@ -99,8 +100,6 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 def train_state_shardings(state, optimizer, param_shardings, mesh: Mesh):
     """Shardings of a TrainState: optimizer moments follow their params, counters replicated."""
-    import optax
-
     rep = replicated(mesh)
     opt = optax.tree_map_params(optimizer, lambda _, sh: sh, state.opt_state, param_shardings,
                                 transform_non_params=lambda _: rep)

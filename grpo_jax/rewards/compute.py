@@ -29,6 +29,8 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax.config import ON_ERROR, OnError
@@ -374,8 +376,6 @@ class RewardSet:
         fns = [self.fns[k] for k in self.device_index]
 
         def device_rewards(completion_ids, completion_mask, **arrays):
-            import jax.numpy as jnp
-
             cols = []
             for fn in fns:
                 r = fn(completion_ids, completion_mask, **select_columns(fn, arrays))
@@ -392,8 +392,6 @@ class RewardSet:
                     f"device rewards {names} need device_values or completion_ids and completion_mask"
                 )
             if self._device_fn_jit is None:
-                import jax
-
                 self._device_fn_jit = jax.jit(self.device_fn())
             device_values = self._device_fn_jit(completion_ids, completion_mask, **(arrays or {}))
         values = np.asarray(device_values, dtype=np.float32)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax.numpy as jnp
+
 from grpo_jax.rewards.registry import RewardError, device_reward, register_factory
 
 
@@ -19,8 +21,6 @@ def make_target_token_reward(token_id: int = 0, mode: str = "fraction") -> Calla
     @device_reward
     def target_token(completion_ids, completion_mask, **arrays):
         """completion_ids: i32[B, N]; completion_mask: [B, N] (1 for real tokens) -> f32[B]."""
-        import jax.numpy as jnp
-
         mask = completion_mask.astype(jnp.float32)
         hits = (completion_ids == token_id).astype(jnp.float32) * mask
         if mode == "presence":
