@@ -57,3 +57,14 @@ def test_bad_config_exits_nonzero_with_one_line_no_traceback(args, message):
 def test_unknown_command_and_unknown_flag_of_a_plain_command():
     out = launch("trian")
     assert out.returncode != 0 and "invalid choice" in out.stderr
+
+
+def test_the_package_is_installed_so_scripts_anywhere_import_it(tmp_path):
+    """`make install` installs grpo_jax itself (editable) into the venv: a user's script in another
+    folder imports it without PYTHONPATH, and gets this checkout's code."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = "import grpo_jax, launch; from grpo_jax import Policy, generate; print(grpo_jax.__file__)"
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert os.path.realpath(out.stdout.strip()).startswith(os.path.realpath(ROOT)), out.stdout
