@@ -513,6 +513,12 @@ def minibatch_rows(cfg: Config) -> int:
     return cfg.data.batch_size * cfg.rollout.group_size // max(cfg.grpo.num_minibatches, 1)
 
 
+def optimizer_updates(cfg: Config) -> int:
+    """Optimizer updates in the whole run (the learning-rate schedule's length): run.steps generation
+    batches x grpo.num_iterations passes x grpo.num_minibatches."""
+    return max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
+
+
 def validate(cfg: Config) -> None:
     """Combinations that type checks cannot catch; each says why it is wrong."""
     r, g, o, d = cfg.rollout, cfg.grpo, cfg.optim, cfg.data

@@ -19,7 +19,7 @@ import numpy as np
 from grpo_jax import distributed
 from grpo_jax.data import batches
 from grpo_jax.policy import Policy
-from grpo_jax.rewards.compute import RewardSet, reward_columns
+from grpo_jax.rewards.compute import RewardSet
 from grpo_jax.rewards.math import extract_answer
 from grpo_jax.rollout import SamplingParams
 
@@ -67,9 +67,7 @@ def evaluate(policy: Policy, rewards: RewardSet, dataset, max_examples: int, k: 
         samples = policy.sample(batch["prompt"], jax.random.fold_in(jax.random.PRNGKey(seed), b), sp, k, params)
         tokens, mask = samples.local.tokens, samples.local.mask
         completions = policy.decode(tokens, mask)
-        prompts = [t for t in samples.prompts.texts for _ in range(k)]
-        result = rewards.submit(prompts, completions, reward_columns(batch, k, mask.sum(1)),
-                                completion_ids=tokens, completion_mask=mask).result()
+        result = rewards.score_groups(samples.prompts.texts, completions, batch, k, tokens, mask)
         valid = np.asarray(batch["valid"], bool) & (np.arange(len(batch["valid"])) + seen < n)
         rows = np.repeat(valid, k)
         scores.append(result.rewards[rows])

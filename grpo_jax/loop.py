@@ -26,7 +26,7 @@ import numpy as np
 
 from grpo_jax import distributed, packing, sharding
 from grpo_jax.checkpoint import Checkpointer, abstract_like
-from grpo_jax.config import Config, announce_config, minibatch_rows, to_dict
+from grpo_jax.config import Config, announce_config, minibatch_rows, optimizer_updates, to_dict
 from grpo_jax.data import load_dataset, run_batches
 from grpo_jax.evaluate import evaluate_over_processes
 from grpo_jax.metrics import MetricsLogger, plot_run, truncate_metrics
@@ -34,7 +34,7 @@ from grpo_jax.objective import flat_groups, group_advantages
 from grpo_jax.optim import make_optimizer
 from grpo_jax.planner import run_micro_batch
 from grpo_jax.policy import Policy, Samples
-from grpo_jax.rewards import RewardError, RewardSet, reward_columns
+from grpo_jax.rewards import RewardError, RewardSet
 from grpo_jax.rewards.compute import RewardResult
 from grpo_jax.signals import StopSignals
 from grpo_jax.step_metrics import (
@@ -48,6 +48,7 @@ from grpo_jax.step_metrics import (
 from grpo_jax.trainer import (
     Batch,
     init_train_state,
+    loss_mask,
     make_steps,
     micro_batch_count,
     packed_batch,
@@ -61,7 +62,7 @@ from grpo_jax.trainer import (
 class Scored(NamedTuple):
     """A rollout's completions as text and their rewards (this process's rows)."""
 
-    prompts: list[str]  # each prompt's text, repeated for its G completions
+    prompts: list[str]  # each prompt's text (prompt p's completions are rows p*G .. p*G+G-1)
     completions: list[str]
     result: RewardResult
 
@@ -85,8 +86,7 @@ class Run:
         self.train_data = load_dataset(cfg.data, cfg.data.split, cfg.run.seed)
         self.eval_data = load_dataset(cfg.data, cfg.data.eval_split, cfg.run.seed) if cfg.data.eval_split else None
         self.data = run_batches(self.train_data, cfg, self.policy.formatter, jax.process_index(), jax.process_count())
-        updates = max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
-        self.optimizer = make_optimizer(cfg.optim, updates)
+        self.optimizer = make_optimizer(cfg.optim, optimizer_updates(cfg))
         state = init_train_state(self.policy.params, self.optimizer, jax.random.PRNGKey(cfg.run.seed),
                                  keep_reference=cfg.grpo.beta != 0)
         self.state_shardings = sharding.train_state_shardings(state, self.optimizer, self.policy.param_shardings,
@@ -168,19 +168,17 @@ class Run:
             return self.rollout_batch(samples.prompt_ids, samples.prompt_mask, samples.rollout,
                                       grpo.mask_truncated_completions), None
         out = samples.local
-        loss_mask = out.mask & ~out.truncated[:, None] if grpo.mask_truncated_completions else out.mask
         rows = lambda x: np.repeat(x, self.group_size, axis=0)  # noqa: E731
-        return self.packed(rows(samples.prompts.ids), rows(samples.prompts.mask), out.tokens, loss_mask)
+        return self.packed(rows(samples.prompts.ids), rows(samples.prompts.mask), out.tokens,
+                           loss_mask(out.mask, out.truncated, grpo.mask_truncated_completions))
 
     def score(self, rows: dict, samples: Samples) -> Scored:
         """Decode this process's completions and score them (host reward functions in the reward workers)."""
         out = samples.local
         completions = self.policy.decode(out.tokens, out.mask)
-        prompts = [t for t in samples.prompts.texts for _ in range(self.group_size)]
-        columns = reward_columns(rows, self.group_size, out.mask.sum(axis=1))
-        result = self.rewards.submit(prompts, completions, columns, completion_ids=out.tokens,
-                                     completion_mask=out.mask).result()
-        return Scored(prompts, completions, result)
+        result = self.rewards.score_groups(samples.prompts.texts, completions, rows, self.group_size, out.tokens,
+                                           out.mask)
+        return Scored(samples.prompts.texts, completions, result)
 
     def with_advantages(self, batch: Batch, result: RewardResult, order: Optional[np.ndarray]):
         """Group-relative advantages on the mesh ("batch" scaling needs every process's rewards), in the loss's
@@ -220,7 +218,7 @@ class Run:
         shown = self.cfg.logging.log_completions
         if self.is_main and shown:
             every = max(1, len(scored.completions) // shown)
-            self.samples = [{"prompt": scored.prompts[i], "completion": scored.completions[i],
+            self.samples = [{"prompt": scored.prompts[i // self.group_size], "completion": scored.completions[i],
                              "reward": float(scored.result.total[i])} for i in range(0, len(scored.completions), every)]
         return metrics
 

@@ -41,7 +41,7 @@ from flax import nnx
 
 from grpo_jax import distributed
 from grpo_jax import sharding as shd
-from grpo_jax.config import Config, minibatch_rows
+from grpo_jax.config import Config, minibatch_rows, optimizer_updates
 from grpo_jax.models import transformer
 from grpo_jax.models.hf import config_from_hf
 from grpo_jax.models.presets import PRESETS, preset_name
@@ -172,8 +172,7 @@ def abstract_params(model_config: transformer.TransformerConfig, mesh, rules=shd
 def abstract_train_state(model_config: transformer.TransformerConfig, cfg: Config, mesh):
     """(abstract TrainState with shardings, its shardings, the optimizer, param shardings)."""
     params, param_shardings = abstract_params(model_config, mesh)
-    updates = max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
-    optimizer = make_optimizer(cfg.optim, updates)
+    optimizer = make_optimizer(cfg.optim, optimizer_updates(cfg))
     plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     state = jax.eval_shape(lambda p: init_train_state(p, optimizer, jax.random.PRNGKey(0), cfg.grpo.beta != 0), plain)
     state_shardings = shd.train_state_shardings(state, optimizer, param_shardings, mesh)

@@ -37,7 +37,7 @@ from grpo_jax.models.hf import (
     read_hf_config,
     resolve_model_dir,
 )
-from grpo_jax.rollout import Rollout, SamplingParams, bucket_length, generate_rows
+from grpo_jax.rollout import Rollout, SamplingParams, bucket_length, generate_rows, row_keys
 
 # ---------------------------------------------------------------- where the model comes from
 
@@ -160,8 +160,7 @@ class Policy:
     @property
     def greedy(self) -> SamplingParams:
         """The config's sampling at temperature 0 (evaluation's pass@1)."""
-        return SamplingParams(self.sampling.max_new_tokens, temperature=0.0,
-                              stop_token_ids=self.sampling.stop_token_ids, pad_token_id=self.sampling.pad_token_id)
+        return self.sampling_params(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
 
     def sampling_params(self, **changes) -> SamplingParams:
         """The config's sampling settings with some changed (max_new_tokens=, temperature=, top_p=, ...)."""
@@ -207,8 +206,7 @@ class Policy:
         """One key per global row, the same on every process (replicated)."""
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)
-        keys = np.asarray(jax.random.split(np.asarray(key), rows))
-        return distributed.global_batch(keys, sharding.replicated(self.mesh))
+        return distributed.global_batch(np.asarray(row_keys(np.asarray(key), rows)), sharding.replicated(self.mesh))
 
 
 def generate(policy: Policy, prompts: Sequence, sampling: Optional[SamplingParams] = None, *,

@@ -85,10 +85,16 @@ def assemble_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, adv
     )
 
 
+def loss_mask(mask, truncated, mask_truncated: bool):
+    """The completion tokens that count in the loss: all generated ones, or (mask_truncated,
+    grpo.mask_truncated_completions, DAPO) none of a completion that hit the length limit.
+    NumPy or JAX arrays: mask [R, N], truncated [R]."""
+    return mask & ~truncated[:, None] if mask_truncated else mask
+
+
 def rollout_batch(prompt_ids, prompt_mask, rollout, mask_truncated: bool) -> Batch:
-    """The loss Batch of a rollout's device arrays (no host round trip); truncated completions leave
-    the loss when mask_truncated (grpo.mask_truncated_completions); advantages come later."""
-    mask = rollout.mask & ~rollout.truncated[:, None] if mask_truncated else rollout.mask
+    """The loss Batch of a rollout's device arrays (no host round trip; `loss_mask`); advantages come later."""
+    mask = loss_mask(rollout.mask, rollout.truncated, mask_truncated)
     return assemble_batch(prompt_ids, prompt_mask, rollout.tokens, mask, jnp.zeros(rollout.truncated.shape))
 
 

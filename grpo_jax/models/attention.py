@@ -347,7 +347,6 @@ def cached_attention(
 
 # ----------------------------------------------------------------------------- choosing a backend
 
-IMPLS = ATTENTION_IMPLS  # config.py is their one home
 # On CPU, `auto` keeps the dense path up to this many keys per query: there it is faster (XLA:CPU
 # runs one fused softmax) and its [T, S] scores still fit; beyond it, blockwise (BENCHMARKS.md).
 DENSE_MAX_KEYS_ON_CPU = 2048
@@ -390,8 +389,8 @@ def cudnn_attention(q, k, v, mask: AttentionMask, *, scale: float, window=None) 
 
 def resolve_impl(impl: str, q, k, mask: AttentionMask, logit_softcap) -> tuple[str, Optional[str]]:
     """(the backend that runs this call, why the asked-for one does not when it falls back)."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention_impl {impl!r}; supported: {', '.join(IMPLS)}")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; supported: {', '.join(ATTENTION_IMPLS)}")
     backend = jax.default_backend()
     if impl == "auto":
         if backend == "tpu":

@@ -404,6 +404,15 @@ class RewardSet:
         return values
 
     # -- scoring ----------------------------------------------------------------
+    def score_groups(self, prompts: Sequence[str], completions: Sequence[str], rows: Mapping[str, Sequence],
+                     group_size: int, completion_ids: Any, completion_mask: Any) -> RewardResult:
+        """Score `group_size` completions of each prompt (prompt p's at p*G .. p*G+G-1), waiting for the result:
+        each prompt's text and dataset columns (`rows`, a data batch) repeated for its completions."""
+        texts = [t for t in prompts for _ in range(group_size)]
+        columns = reward_columns(rows, group_size, np.asarray(completion_mask).sum(axis=1))
+        return self.submit(texts, completions, columns, completion_ids=completion_ids,
+                           completion_mask=completion_mask).result()
+
     def submit(
         self,
         prompts: Sequence[str],
