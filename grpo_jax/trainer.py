@@ -349,7 +349,7 @@ def _permute_program(shardings: Optional[Batch]):
 
 
 def train_on_batch(state: TrainState, batch: Batch, update_step, cfg: Config, shuffle_seed: Optional[tuple] = None):
-    """All optimizer updates of one generation batch. Returns (state, metrics averaged over updates).
+    """All optimizer updates of one generation batch. Returns (state, metrics averaged over updates, on the host).
 
     `batch` already carries its reference / old log-probs (`reference_and_old_logps`),
     which callers dispatch early so the device computes them while rewards are scored.
@@ -371,7 +371,9 @@ def train_on_batch(state: TrainState, batch: Batch, update_step, cfg: Config, sh
             minibatch = rows_in_order if whole else jax.tree.map(lambda x, r=rows_m: x[r], rows_in_order)
             state, metrics = update_step(state, minibatch)
             collected.append(metrics)
-    averaged = {k: jnp.mean(jnp.stack([m[k] for m in collected])) for k in collected[0]}
-    averaged["update_skipped"] = jnp.sum(jnp.stack([m["update_skipped"] for m in collected]))
+    # averaged on the host (the caller logs them): no eager multi-device ops between the updates' programs
+    collected = [jax.device_get(m) for m in collected]
+    averaged = {k: np.mean([m[k] for m in collected]) for k in collected[0]}
+    averaged["update_skipped"] = np.sum([m["update_skipped"] for m in collected])
     step = jax.device_put(state.step + 1, state.step.sharding)  # keep the layout the jitted steps expect
     return state.replace(step=step), averaged
