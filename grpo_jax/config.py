@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
 import textwrap
@@ -35,6 +36,7 @@ ImportanceSamplingLevel = Literal["token", "sequence"]
 RewardScale = Literal["group", "batch", "none", "rloo"]
 OverlongPrompts = Literal["truncate_left", "drop"]
 OnError = Literal["stop", "none"]
+ResumeMode = Literal["auto", "override", "new_dir"]
 REMAT_POLICIES: tuple[str, ...] = typing.get_args(RematPolicy)
 ATTENTION_IMPLS: tuple[str, ...] = typing.get_args(AttentionImpl)
 LOSS_TYPES: tuple[str, ...] = typing.get_args(LossType)
@@ -42,6 +44,20 @@ IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = typing.get_args(ImportanceSampling
 REWARD_SCALES: tuple[str, ...] = typing.get_args(RewardScale)
 OVERLONG_PROMPTS: tuple[str, ...] = typing.get_args(OverlongPrompts)
 ON_ERROR: tuple[str, ...] = typing.get_args(OnError)
+
+# The settings a run may change when it resumes (how long, how often, where it logs, how it fits
+# the hardware): a value here may differ from the run dir's config.yaml. Every other key is the
+# run's identity (what it trains, on what, how) and a changed one refuses to resume (run.resume).
+# An entry ending in "." covers its whole section.
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "run.name", "run.steps", "run.output_dir", "run.resume", "run.eval_every", "run.eval_max_examples",
+    "run.max_skipped_updates", "run.sized_for", "logging.", "checkpoint.", "mesh.", "sft.", "rewards.num_workers",
+    "model.remat", "model.attention_impl", "model.attention_block_q", "model.attention_block_kv",
+    "model.mlp_chunk_size", "grpo.micro_batch_size", "data.eval_split", "data.num_eval_examples",
+    "data.tfds_manual_dir",
+)
+# Keys that once existed, and what replaced them (an old config names its key's new home).
+RENAMED_KEYS = {"checkpoint.resume": "run.resume (auto | override | new_dir)"}
 
 
 class ConfigError(ValueError):
@@ -253,8 +269,8 @@ class CheckpointConfig:
     """Whether a higher or a lower keep_best_metric is better."""
     async_save: bool = True
     """Write checkpoints in the background while training continues."""
-    resume: bool = True
-    """Resume from the latest complete checkpoint in run.output_dir."""
+    save_timeout_s: int = 600
+    """Longest wait for a checkpoint write to finish (a stuck or failed disk stops the run after this)."""
 
 
 @dataclass(frozen=True)
@@ -310,6 +326,11 @@ class RunConfig:
     """Held-out prompts scored per evaluation (greedy, one completion each)."""
     max_skipped_updates: int = 3
     """Stop after this many steps in a row with a non-finite loss or gradient."""
+    resume: ResumeMode = "auto"
+    """A run dir belongs to one run. auto: resume its newest valid checkpoint when the config's
+    training settings equal the saved config.yaml's, refuse with the differences otherwise;
+    override: resume it under the changed settings (the old config is kept as config.<step>.yaml);
+    new_dir: leave it alone and start afresh in the first free <output_dir>-N."""
     sized_for: tuple[str, ...] = ()
     """Hardware this config is sized to fit, e.g. [h100x1, v5e-8] (KINDxN GPUs or KIND-N TPU chips);
     `python -m launch plan --config C --target sized_for` checks each, and the test suite does too."""
@@ -360,12 +381,25 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path) -> Any:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -456,6 +490,8 @@ def _explain(e: OmegaConfBaseException, source) -> str:
 
 
 def _unknown_key_message(key: str) -> str:
+    if key in RENAMED_KEYS:
+        return f"config key {key} was replaced by {RENAMED_KEYS[key]}"
     keys = all_keys()
     matches = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not matches:  # a right key in the wrong section: compare the last part only
@@ -572,6 +608,12 @@ def validate(cfg: Config) -> None:
     need(o.learning_rate >= 0, "optim.learning_rate must be >= 0")
     need(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     need(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be > 0 or null")
+    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1): they are the "
+         "decay rates of Adam's moment averages")
+    need(o.eps > 0, f"optim.eps={o.eps} must be > 0")
+    need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    need(all(math.isfinite(w) for w in cfg.rewards.weights),
+         f"rewards.weights={list(cfg.rewards.weights)} must be finite numbers")
     need(not cfg.rewards.functions == (), "rewards.functions is empty: GRPO needs at least one reward function")
     need(not cfg.rewards.weights or len(cfg.rewards.weights) == len(cfg.rewards.functions),
          f"rewards.weights has {len(cfg.rewards.weights)} entries for {len(cfg.rewards.functions)} rewards.functions")
@@ -583,12 +625,19 @@ def validate(cfg: Config) -> None:
     need([m.data, m.fsdp, m.tensor].count(-1) <= 1, "only one mesh axis may be -1")
     need(cfg.run.steps >= 0, "run.steps must be >= 0")
     need(cfg.run.eval_max_examples >= 1, "run.eval_max_examples must be >= 1")
+    need(cfg.run.eval_every >= 0, f"run.eval_every={cfg.run.eval_every} must be >= 0 (0: only at start and end)")
     need(cfg.run.max_skipped_updates >= 1, "run.max_skipped_updates must be >= 1")
     for target in cfg.run.sized_for:
         need(bool(re.fullmatch(r"[a-z0-9-]+?(x|-)\d+", target.strip().lower())),
              f"run.sized_for: {target!r} is not a target name like h100x1 or v5e-8")
     need(cfg.checkpoint.every_steps >= 0 and cfg.checkpoint.keep >= 1,
          "checkpoint.every_steps must be >= 0 and checkpoint.keep >= 1")
+    need(cfg.checkpoint.save_timeout_s >= 1, "checkpoint.save_timeout_s must be >= 1")
+    best = cfg.checkpoint.keep_best_metric
+    need(best is None or best.startswith("eval/"),
+         f"checkpoint.keep_best_metric={best!r} must be an evaluation metric, e.g. eval/accuracy or eval/pass@1")
+    need(best is None or cfg.data.eval_split is not None,
+         f"checkpoint.keep_best_metric={best} needs evaluations: set data.eval_split")
     need(cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1")
     need(cfg.sft.steps >= 0 and cfg.sft.batch_size >= 1 and cfg.sft.max_completion_length >= 1,
          "sft.steps must be >= 0, sft.batch_size and sft.max_completion_length >= 1")
@@ -599,6 +648,23 @@ def validate(cfg: Config) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """{"grpo.beta": 0.04, ...}: every key of the config with its value."""
+    return {f"{section}.{key}": value for section, values in to_dict(cfg).items() for key, value in values.items()}
+
+
+def is_resumable(key: str) -> bool:
+    """Whether `key` may change when a run resumes (RESUMABLE_KEYS)."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
+def identity_changes(saved: Config, new: Config) -> list[str]:
+    """The run-identity settings that differ, as "grpo.beta: 0.04 -> 0.0" (resumable keys left out)."""
+    old, now = flat_dict(saved), flat_dict(new)
+    return [f"{key}: {_show(old[key])} -> {_show(now[key])}" for key in old
+            if old[key] != now[key] and not is_resumable(key)]
 
 
 def to_yaml(cfg: Config) -> str:

@@ -11,17 +11,27 @@ from __future__ import annotations
 import collections
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 
 from grpo_jax import distributed
-from grpo_jax.data import batches
+from grpo_jax.data import DataError, batches, overlong_filter
 from grpo_jax.policy import Policy
 from grpo_jax.rewards.compute import RewardSet
 from grpo_jax.rewards.math import extract_answer
 from grpo_jax.rollout import SamplingParams
+
+
+class EvaluationStopped(Exception):
+    """A stop signal arrived during an evaluation, which ended early (its metrics are not kept)."""
+
+
+def metric_names(reward_names: list[str], k: int = 1) -> list[str]:
+    """The metrics `evaluate` returns for these rewards: what checkpoint.keep_best_metric may name."""
+    scores = [f"eval/pass@{k}"] if k == 1 else [f"eval/pass@{k}", f"eval/maj@{k}", f"eval/mean@{k}"]
+    return [f"eval/{name}" for name in reward_names] + scores + ["eval/mean_length", "eval/examples", "eval/time_s"]
 
 
 def correctness_index(names: list[str], correct_by: Optional[str] = None) -> int:
@@ -46,10 +56,11 @@ def majority_correct(completions: list[str], correct: np.ndarray) -> bool:
 
 def evaluate(policy: Policy, rewards: RewardSet, dataset, max_examples: int, k: int = 1,
              sampling: Optional[SamplingParams] = None, seed: int = 0, correct_by: Optional[str] = None,
-             params: Any = None) -> dict:
+             params: Any = None, stop: Optional[Callable[[], bool]] = None) -> dict:
     """Score the policy on up to `max_examples` rows of `dataset` (this process's share of them).
 
     params: the weights to score (default: the policy's loaded ones; a run passes its train state's).
+    stop: asked before each batch (on every process together); True raises EvaluationStopped.
     k = 1 decodes greedily (pass@1); k > 1 samples k completions per prompt with `sampling`
     (default: the config's) and adds pass@k and maj@k.
     """
@@ -58,12 +69,14 @@ def evaluate(policy: Policy, rewards: RewardSet, dataset, max_examples: int, k: 
     sp = policy.greedy if k == 1 else (sampling or policy.sampling)
     prompts_per_batch = max(1, policy.cfg.data.batch_size * policy.cfg.rollout.group_size // k)
     it = batches(dataset, prompts_per_batch, seed=0, shuffle=False, repeat=False, process_index=jax.process_index(),
-                 process_count=jax.process_count(), pad_last=True)
+                 process_count=jax.process_count(), pad_last=True, keep=overlong_filter(policy.cfg, policy.formatter))
     scores, lengths, pass_k, maj_k, seen = [], [], [], [], 0
     ci = correctness_index(rewards.names, correct_by)
     for b, batch in enumerate(it):
         if seen >= n:
             break
+        if stop is not None and distributed.any_process(stop()):
+            raise EvaluationStopped
         samples = policy.sample(batch["prompt"], jax.random.fold_in(jax.random.PRNGKey(seed), b), sp, k, params)
         tokens, mask = samples.local.tokens, samples.local.mask
         completions = policy.decode(tokens, mask)
@@ -78,6 +91,10 @@ def evaluate(policy: Policy, rewards: RewardSet, dataset, max_examples: int, k: 
             pass_k.append(bool(correct[group].any()))
             maj_k.append(majority_correct(completions[group], correct[group]))
         seen += int(np.asarray(batch["valid"], bool).sum())
+    if not scores:
+        raise DataError(f"{getattr(dataset, 'name', 'the evaluation split')}: no prompt to evaluate (every one is "
+                        f"longer than rollout.max_prompt_length={policy.cfg.rollout.max_prompt_length}, "
+                        "with data.overlong_prompts=drop)")
     scores, lengths = np.concatenate(scores), np.concatenate(lengths)
     names = rewards.names
     metrics = {f"eval/{name}": float(np.nanmean(scores[:, j])) if np.isfinite(scores[:, j]).any() else math.nan

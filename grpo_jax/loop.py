@@ -26,16 +26,17 @@ import numpy as np
 
 from grpo_jax import distributed, packing, sharding
 from grpo_jax.checkpoint import Checkpointer, abstract_like
-from grpo_jax.config import Config, announce_config, minibatch_rows, optimizer_updates, to_dict
+from grpo_jax.config import Config, ConfigError, announce_config, minibatch_rows, optimizer_updates, to_dict
 from grpo_jax.data import load_dataset, run_batches
-from grpo_jax.evaluate import evaluate_over_processes
-from grpo_jax.metrics import MetricsLogger, plot_run, truncate_metrics
+from grpo_jax.evaluate import EvaluationStopped, evaluate_over_processes, metric_names
+from grpo_jax.metrics import MetricsLogger, plot_run
 from grpo_jax.objective import flat_groups, group_advantages
 from grpo_jax.optim import make_optimizer
 from grpo_jax.planner import run_micro_batch
 from grpo_jax.policy import Policy, Samples
 from grpo_jax.rewards import RewardError, RewardSet
 from grpo_jax.rewards.compute import RewardResult
+from grpo_jax.run_dir import Claim, RunLock, claim, record_config
 from grpo_jax.signals import StopSignals
 from grpo_jax.step_metrics import (
     HISTORY_KEYS,
@@ -71,11 +72,41 @@ class Run:
     """One training run's live objects. `train(cfg)` builds one and calls `run()`."""
 
     def __init__(self, cfg: Config, show_config: bool = True):
-        self.run_dir = Path(cfg.run.output_dir)
         distributed.initialize(cfg.mesh)  # first: joins a multi-process run (a no-op otherwise)
         self.is_main = jax.process_index() == 0
+        self.lock: Optional[RunLock] = None
+        try:
+            self.setup(self.claim_run_dir(cfg), show_config)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def claim_run_dir(self, cfg: Config) -> Claim:
+        """Lock the run dir (process 0) and check the config against the run it holds (run_dir.claim)."""
+        self.lock_run_dir(cfg.run.output_dir)
+        claimed = claim(cfg)
+        for line in claimed.lines:
+            print(line, flush=True)
+        if claimed.cfg.run.output_dir != cfg.run.output_dir:  # run.resume=new_dir: the new dir is the run's
+            self.lock_run_dir(claimed.cfg.run.output_dir)
+        return claimed
+
+    def lock_run_dir(self, run_dir: str) -> None:
+        if not self.is_main:
+            return
+        if self.lock is not None:
+            self.lock.release()
+        self.lock = RunLock(run_dir)
+        note = self.lock.acquire()
+        if note:
+            print(note, flush=True)
+
+    def setup(self, claimed: Claim, show_config: bool) -> None:
+        cfg, self.claimed = claimed.cfg, claimed
+        self.run_dir = Path(cfg.run.output_dir)
         if self.is_main:
-            announce_config(cfg, show=show_config)
+            announce_config(cfg, save=False, show=show_config)  # written once the run dir's checkpoint restored
         self.mesh = distributed.setup_mesh(cfg.mesh)
         self.policy = Policy.load(cfg, self.mesh)
         cfg, line = run_micro_batch(cfg, self.policy.config, self.mesh)  # auto: compiled against these devices
@@ -83,6 +114,10 @@ class Run:
             print(line, flush=True)
         self.cfg = cfg
         self.rewards = RewardSet.from_config(cfg)
+        best, known = cfg.checkpoint.keep_best_metric, metric_names(self.rewards.names)
+        if best is not None and best not in known:
+            raise ConfigError(f"checkpoint.keep_best_metric={best} is not an evaluation metric of this run; "
+                              f"its metrics: {', '.join(known)}")
         self.train_data = load_dataset(cfg.data, cfg.data.split, cfg.run.seed)
         self.eval_data = load_dataset(cfg.data, cfg.data.eval_split, cfg.run.seed) if cfg.data.eval_split else None
         self.data = run_batches(self.train_data, cfg, self.policy.formatter, jax.process_index(), jax.process_count())
@@ -109,32 +144,34 @@ class Run:
         self.skipped = SkippedUpdates(cfg.run.max_skipped_updates)
         self.packed_shapes: set = set()  # (rows, row length) of this process's packed batches so far
         self.samples: list[dict] = []  # a few (prompt, completion, reward) rows of the last step, for the log
+        self.unscored_warned: set = set()  # reward functions already reported for scoring nothing
 
     # ------------------------------------------------------------ checkpoints
 
-    def resume(self) -> int:
-        """Restore the newest complete checkpoint, if any; returns the step to start from."""
-        if not self.cfg.checkpoint.resume:
-            return 0
+    def resume(self) -> tuple[int, bool]:
+        """Restore the newest valid checkpoint, if any, and cut the log files back to it.
+
+        Returns (the step to start from, whether that checkpoint ended a finished run)."""
         restored = self.checkpointer.restore_latest(abstract_like(self.state))
         if restored is None:
-            return 0
+            self.logger.cut_back(None)
+            return 0, False
         step, self.state, meta = restored
         self.data.restore(meta["data"])  # the same on every process: all walk the same stream of batches
         self.history = meta.get("history", [])
         self.eval_history = meta.get("eval_history", [])
-        if self.is_main:
-            truncate_metrics(self.run_dir, step)
-        print(f"resumed from checkpoint {step} in {self.checkpointer.directory}", flush=True)
-        return step
+        if "log_rows" in meta:  # (checkpoints written before the row counts were recorded keep their logs)
+            self.logger.cut_back(meta["log_rows"])
+        return step, bool(meta.get("complete"))
 
-    def save(self, step: int, metrics: Optional[dict] = None) -> None:
+    def save(self, step: int, metrics: Optional[dict] = None, complete: bool = False) -> None:
         """Every process calls it: Orbax writes each process's shards, process 0 the meta.
 
-        The meta (data position, history) is the same on every process, so process 0's is everyone's.
+        The meta (data position, history, log rows) is the same on every process, so process 0's is everyone's.
+        complete: the run's final checkpoint, after its final evaluation.
         """
-        meta = {"step": step, "data": self.data.state(), "config": to_dict(self.cfg),
-                "history": self.history, "eval_history": self.eval_history}
+        meta = {"step": step, "data": self.data.state(), "config": to_dict(self.cfg), "history": self.history,
+                "eval_history": self.eval_history, "log_rows": dict(self.logger.rows), "complete": complete}
         self.checkpointer.save(step, self.state, meta, metrics=metrics)
 
     # ------------------------------------------------------------ one step, stage by stage
@@ -142,6 +179,7 @@ class Run:
     def step(self, step: int) -> dict:
         """One GRPO step (`step` counts from 0): generate -> score -> advantages -> update -> log."""
         t0 = time.perf_counter()
+        dropped = self.data.dropped
         rows = next(self.data)
         samples = self.policy.sample(rows["prompt"], jax.random.fold_in(self.state.rng, step),
                                      group_size=self.group_size, params=self.state.params)
@@ -153,8 +191,10 @@ class Run:
         batch, advantages, flat = self.with_advantages(batch, scored.result, order)
         train_metrics = self.update(batch, step)
         times = StepTimes(t_rollout - t0, t_reward - t_rollout, time.perf_counter() - t_reward)
-        return self.step_metrics(step, samples, scored, advantages, flat, train_metrics, times,
-                                 seq_len=batch.tokens.shape[1])
+        metrics = self.step_metrics(step, samples, scored, advantages, flat, train_metrics, times,
+                                    seq_len=batch.tokens.shape[1])
+        metrics["data/prompts_dropped"] = float(self.data.dropped - dropped)  # too long, left out of the batch
+        return metrics
 
     @property
     def group_size(self) -> int:
@@ -178,6 +218,10 @@ class Run:
         completions = self.policy.decode(out.tokens, out.mask)
         result = self.rewards.score_groups(samples.prompts.texts, completions, rows, self.group_size, out.tokens,
                                            out.mask)
+        for name in set(result.unscored()) - self.unscored_warned:
+            self.unscored_warned.add(name)
+            print(f"warning: reward function {name} scored none of the {len(completions)} completions "
+                  "(it returned NaN or None for each); it adds nothing to the reward", flush=True)
         return Scored(samples.prompts.texts, completions, result)
 
     def with_advantages(self, batch: Batch, result: RewardResult, order: Optional[np.ndarray]):
@@ -241,27 +285,62 @@ class Run:
 
     # ------------------------------------------------------------ evaluation
 
-    def evaluate(self, step: int) -> dict:
-        """Greedy pass@1 of the current params on the held-out split (evaluate.py), over every process."""
+    def evaluate(self, step: int, signals: Optional[StopSignals] = None) -> dict:
+        """Greedy pass@1 of the current params on the held-out split (evaluate.py), over every process.
+        A stop signal ends it early (EvaluationStopped)."""
         if self.eval_data is None:
             return {}
+        stop = (lambda: signals.received is not None) if signals is not None else None  # noqa: E731
         metrics = evaluate_over_processes(self.policy, self.rewards, self.eval_data, self.cfg.run.eval_max_examples,
-                                          params=self.state.params)
+                                          params=self.state.params, stop=stop)
         self.eval_history.append({"step": step, **metrics})
         return metrics
 
     # ------------------------------------------------------------ the loop
 
     def run(self) -> dict:
-        """Resume, train to run.steps (evaluating, logging, checkpointing), evaluate and save at the end."""
-        start = self.resume()
-        if start == 0 and self.eval_data is not None:
-            self.logger.log(0, self.evaluate(0))
+        """Resume, train to run.steps (evaluating, logging, checkpointing), evaluate and save at the end.
+
+        A stop signal anywhere (SIGTERM, Ctrl-C) saves the last completed step and returns why; before
+        the first step there is nothing to save and the signal ends the process (signals.py)."""
         with StopSignals() as signals:
+            start, complete = self.resume()
+            if self.already_done(start, complete):
+                return {"complete_at": start, "run_dir": str(self.run_dir)}
+            self.begin(start)
+            signals.arm()  # from here on a signal saves a checkpoint
             stopped = self.train_steps(start, signals)
-        if stopped:
-            return stopped
-        return self.finish(start)
+            if stopped:
+                return stopped
+            return self.finish(signals)
+
+    def already_done(self, start: int, complete: bool) -> bool:
+        """Whether the restored checkpoint ends this run (a finished run re-run: say so, touch nothing)."""
+        steps = self.cfg.run.steps
+        if start < steps or (start == steps and not complete):
+            return False
+        where = f"run already complete at step {start}" if start == steps else \
+            f"run already at step {start}, past run.steps={steps}"
+        print(f"{where} in {self.run_dir}; nothing to do (raise run.steps to train further)", flush=True)
+        return True
+
+    def begin(self, start: int) -> None:
+        """Record the config the run dir now runs under, then say where training starts (evaluating first)."""
+        if self.is_main:
+            path = record_config(self.claimed)  # as given: micro_batch_size=auto stays auto
+            print(f"resolved config saved to {path}", flush=True)
+        if start:
+            print(f"resumed from checkpoint {start} in {self.checkpointer.directory}", flush=True)
+        elif self.eval_data is not None:
+            self.logger.log(0, self.evaluate(0))
+
+    def stop(self, step: int, signals: StopSignals, what: str = "") -> dict:
+        """Save the last completed step on a stop signal and say how to go on."""
+        self.save(step)
+        self.checkpointer.wait()
+        print(f"saved checkpoint {step}{what}; resume with the same command (it picks up from {self.run_dir})",
+              flush=True)
+        return {"stopped_at": step, "signal": signals.received or signal.SIGTERM}
 
     def train_steps(self, start: int, signals: StopSignals) -> Optional[dict]:
         """Steps start .. run.steps; on a stop signal save and return why (else None)."""
@@ -271,15 +350,15 @@ class Run:
                 metrics = self.step(step)
                 done = step + 1
                 if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < cfg.run.steps:
-                    metrics.update(self.evaluate(done))
+                    try:
+                        metrics.update(self.evaluate(done, signals))
+                    except EvaluationStopped:
+                        pass  # the step is done; its evaluation is not needed to resume
                 self.history.append({"step": done, **{k: v for k, v in metrics.items() if k in HISTORY_KEYS}})
                 self.logger.log_step(done, metrics, self.samples)
+                self.checkpointer.check()  # a background save that failed stops the run now
                 if distributed.any_process(signals.received is not None):  # all processes stop together
-                    self.save(done)
-                    self.checkpointer.wait()
-                    print(f"saved checkpoint {done}; resume with the same command "
-                          f"(checkpoint.resume=true picks it up from {self.run_dir})", flush=True)
-                    return {"stopped_at": done, "signal": signals.received or signal.SIGTERM}
+                    return self.stop(done, signals)
                 if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < cfg.run.steps:
                     self.save(done, metrics={k: v for k, v in metrics.items() if k.startswith("eval/")} or None)
         except RewardError:
@@ -290,13 +369,16 @@ class Run:
             raise
         return None
 
-    def finish(self, start: int) -> dict:
+    def finish(self, signals: StopSignals) -> dict:
         """The final evaluation and checkpoint, the plots, and the run's summary."""
         steps = self.cfg.run.steps
-        final_eval = self.evaluate(steps) if self.eval_data is not None and start < steps else {}
+        try:
+            final_eval = self.evaluate(steps, signals) if self.eval_data is not None else {}
+        except EvaluationStopped:
+            return self.stop(steps, signals, " (the final evaluation was interrupted: resuming runs it)")
         if final_eval:
             self.logger.log(steps, final_eval)
-        self.save(steps, metrics=final_eval or None)
+        self.save(steps, metrics=final_eval or None, complete=True)
         self.checkpointer.wait()
         self.logger.close()
         plots = []
@@ -310,8 +392,12 @@ class Run:
                 "plots": plots}
 
     def close(self) -> None:
-        self.rewards.close()
-        self.checkpointer.close()
+        try:
+            self.rewards.close()
+            self.checkpointer.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def train(cfg: Config, show_config: bool = True) -> dict:

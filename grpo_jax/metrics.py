@@ -44,6 +44,7 @@ class MetricsLogger:
         self._wandb = None
         self._bar = None
         self._start = time.time()
+        self.rows = {"metrics": 0, "samples": 0}  # rows in metrics.jsonl / samples.jsonl (a checkpoint keeps them)
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +87,7 @@ class MetricsLogger:
             if self._jsonl is None:  # opened at first use, after a resume has truncated the file
                 self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
             self._jsonl.write(json.dumps(row) + "\n")
+            self.rows["metrics"] += 1
         if self._tb:
             for k, v in row.items():
                 if v is not None and k != "step":
@@ -115,6 +117,7 @@ class MetricsLogger:
         with open(self.run_dir / "samples.jsonl", "a") as f:
             for r in rows:
                 f.write(json.dumps({"step": step, **r}) + "\n")
+        self.rows["samples"] += len(rows)
         for r in rows:
             prompt = " ".join(str(r.get("prompt", "")).split())[-80:]
             completion = " ".join(str(r.get("completion", "")).split())[:160]
@@ -123,6 +126,15 @@ class MetricsLogger:
                 self._bar.write(line)
             else:
                 print(line)
+
+    def cut_back(self, rows: Optional[dict]) -> None:
+        """Cut metrics.jsonl and samples.jsonl back to the rows a checkpoint recorded (None: a fresh start, no
+        rows), so a resumed run's files hold each step once, as an uninterrupted run's do."""
+        if not self.is_main:
+            return
+        rows = rows or {}
+        for name in ("metrics", "samples"):
+            self.rows[name] = keep_rows(self.run_dir / f"{name}.jsonl", rows.get(name, 0))
 
     def close(self) -> None:
         if self._jsonl:
@@ -149,15 +161,17 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def truncate_metrics(run_dir: str | os.PathLike, last_step: int) -> None:
-    """Drop rows logged after `last_step` (a resumed run repeats those steps)."""
-    path = Path(run_dir) / "metrics.jsonl"
+def keep_rows(path: Path, n: int) -> int:
+    """Keep the first `n` complete lines of a JSONL file (atomically); returns how many it now has."""
     if not path.exists():
-        return
-    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n")][:n]  # a torn last line (a kill mid-write) goes
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return len(kept)
 
 
 PLOTS = {

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from grpo_jax import distributed, sharding
-from grpo_jax.config import Config, ModelConfig
+from grpo_jax.config import Config, ConfigError, ModelConfig
 from grpo_jax.data import PromptFormatter
 from grpo_jax.data.prompts import EncodedPrompts, pad_prompts_left
 from grpo_jax.models import transformer
@@ -147,6 +147,10 @@ class Policy:
             model, config = load_hf(source.path, dtype=overrides.pop("param_dtype"), shardings=shardings,
                                     **overrides)
         tokenizer = load_tokenizer(m.tokenizer or source.default_tokenizer(), config)
+        beyond = [t for t in cfg.rollout.stop_token_ids if t >= config.vocab_size]
+        if beyond:
+            raise ConfigError(f"rollout.stop_token_ids: {beyond[0]} is beyond the model's vocabulary "
+                              f"({config.vocab_size} tokens: ids 0..{config.vocab_size - 1})")
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         formatter = PromptFormatter.from_config(cfg.data, tokenizer)
         sampling = SamplingParams.from_config(cfg.rollout, stop_token_ids(tokenizer), formatter.pad_id)

@@ -3,14 +3,18 @@
 Each command lives in its own module of this package with `add_arguments(parser)`
 and `main(args) -> int`; adding a command is one line in COMMANDS.
 Errors meant for users (bad config, bad paths, bad data) print one line and exit
-with status 2; set GRPO_JAX_DEBUG=1 to see the traceback instead.
+with status 2; Ctrl-C / SIGTERM where there is nothing to save print one line and
+exit 128 + the signal number; set GRPO_JAX_DEBUG=1 to see the traceback instead
+(and the libraries' own error logs, which otherwise stay quiet).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
+import signal
 import sys
 
 # name -> (module, one-line help)
@@ -61,14 +65,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if takes_overrides:
         args.config_overrides = extra
+    debug = bool(os.environ.get("GRPO_JAX_DEBUG"))
+    if not debug:  # Orbax logs each failed write's traceback at ERROR; our one line says it
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         return int(args._module.main(args) or 0)
     except USER_ERRORS as e:
-        if os.environ.get("GRPO_JAX_DEBUG"):
+        if debug:
             raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"\ninterrupted ({signal.Signals(signum).name}) before there was anything to save", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

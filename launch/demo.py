@@ -58,6 +58,8 @@ def main(args) -> int:
     t_grpo = time.perf_counter()
     summary = train(cfg, show_config=False)  # one line saying where the resolved config went
     t_grpo = time.perf_counter() - t_grpo
+    if "stopped_at" in summary:  # a signal: the step is saved, and `make demo` starts over anyway
+        return 0
 
     print()
     print(results_table(summary["before"], summary["after"], summary["history"]))

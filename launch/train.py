@@ -4,8 +4,9 @@
 
 Prints the resolved config and saves it, with metrics.jsonl, samples, plots and
 checkpoints, into run.output_dir. Re-running the same command resumes from the
-newest complete checkpoint there (checkpoint.resume=true). SIGTERM / Ctrl-C
-finishes the current step, saves, and exits 0.
+newest valid checkpoint there; a finished run says so and exits 0, and one with
+changed training settings is refused unless run.resume says otherwise
+(override | new_dir). SIGTERM / Ctrl-C finishes the current step, saves, and exits 0.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def main(args) -> int:
     from grpo_jax.loop import train
 
     summary = train(config_from_args(args))
-    if "stopped_at" in summary:
+    if "stopped_at" in summary or "complete_at" in summary:
         return 0
     before, after = summary.get("before") or {}, summary.get("after") or {}
     if before or after:

@@ -74,7 +74,9 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, capsys):
     step, restored, meta = Checkpointer(tmp_path, CheckpointConfig()).restore_latest(abstract_like(good))
     assert step == 1 and meta == {"step": 1}
     assert_same(good, restored)
-    assert "checkpoint 2 is unreadable" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "checkpoint 2 is damaged" in out and "moved it to corrupt-2/" in out
+    assert (tmp_path / "checkpoints" / "corrupt-2").is_dir() and not (tmp_path / "checkpoints" / "2").exists()
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

@@ -3,7 +3,7 @@
 import json
 
 from grpo_jax.config import LoggingConfig
-from grpo_jax.metrics import MetricsLogger, plot_run, read_metrics, running_mean, truncate_metrics
+from grpo_jax.metrics import MetricsLogger, plot_run, read_metrics, running_mean
 
 
 def test_jsonl_console_and_tensorboard(tmp_path, capsys):
@@ -29,15 +29,26 @@ def test_non_main_process_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and capsys.readouterr().out == ""
 
 
-def test_truncate_drops_steps_after_resume_point_and_torn_lines(tmp_path):
+def test_cut_back_keeps_the_rows_a_checkpoint_recorded_and_drops_torn_lines(tmp_path):
     logger = MetricsLogger(tmp_path, LoggingConfig(), total_steps=5)
     for s in range(1, 6):
         logger.log(s, {"loss": s}, console=False)
+        logger.log_samples(s, [{"prompt": "p", "completion": "c", "reward": 1.0}], limit=1)
+        if s == 3:
+            recorded = dict(logger.rows)
     logger.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "lo')  # killed mid-write
-    truncate_metrics(tmp_path, 3)
+    assert recorded == {"metrics": 3, "samples": 3}
+    resumed = MetricsLogger(tmp_path, LoggingConfig(), total_steps=5)
+    resumed.cut_back(recorded)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 3
+    resumed.log(4, {"loss": 4.0}, console=False)
+    assert resumed.rows["metrics"] == 4
+    resumed.close()
+    MetricsLogger(tmp_path, LoggingConfig(), total_steps=5).cut_back(None)  # a fresh start: no rows
+    assert read_metrics(tmp_path) == [] and (tmp_path / "samples.jsonl").read_text() == ""
 
 
 def test_plots_are_written(tmp_path):

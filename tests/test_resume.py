@@ -1,17 +1,15 @@
 """Runs that survive anything: SIGKILL + resume is bitwise identical, SIGTERM saves and exits 0."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from runs import ROOT, env, final_state, jsonl_rows, wait_for
 from tiny import target_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
@@ -21,38 +19,8 @@ def train_cmd(model, run_dir, steps=6, *extra):
                            "--checkpoint.async_save=false", "--data.eval_split=null", "--grpo.beta=0.04", *extra)]
 
 
-def env():
-    return dict(os.environ, PYTHONPATH=ROOT)
-
-
-def final_state(run_dir):
-    """Params and optimizer state of the newest checkpoint, as numpy leaves."""
-    import jax
-
-    from grpo_jax.checkpoint import Checkpointer
-    from grpo_jax.config import CheckpointConfig
-
-    ckpt = Checkpointer(run_dir, CheckpointConfig())
-    step = ckpt.steps()[-1]
-    state, _ = ckpt.read(step)
-    return step, [np.asarray(x) for x in jax.tree.leaves(state)]
-
-
-def metrics_rows(run_dir):
-    rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-    timing = ("time", "time/", "throughput/")  # wall-clock measurements differ between any two runs
-    return [{k: v for k, v in r.items() if not k.startswith(timing)} for r in rows]
-
-
-def wait_for_checkpoint(run_dir, step, proc, timeout=300):
-    target = os.path.join(run_dir, "checkpoints", str(step))
-    t0 = time.time()
-    while not os.path.isdir(target):
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended before checkpoint {step}: {proc.stdout.read()[-3000:]}")
-        if time.time() - t0 > timeout:
-            raise AssertionError("timed out waiting for a checkpoint")
-        time.sleep(0.05)
+def wait_for_checkpoint(run_dir, step, proc):
+    wait_for(lambda: os.path.isdir(os.path.join(run_dir, "checkpoints", str(step))), proc, f"checkpoint {step}")
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tiny_model, tmp_path):
@@ -79,7 +47,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_model, tmp_path):
     assert len(a) == len(b)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
-    assert metrics_rows(straight) == metrics_rows(killed)
+    for name in ("metrics.jsonl", "samples.jsonl"):  # each step once, as in the uninterrupted run
+        assert jsonl_rows(straight, name) == jsonl_rows(killed, name)
 
 
 def test_sigterm_saves_the_current_step_and_exits_zero_then_resume_continues(tiny_model, tmp_path):

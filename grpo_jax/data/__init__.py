@@ -16,7 +16,7 @@ See `dataset.py` for the `Dataset` / `DataError` types, `sources.py` for the sou
 
 from grpo_jax.data.builtin import ProceduralDataset, make_arithmetic, make_countdown, verify_countdown
 from grpo_jax.data.dataset import DataError, Dataset
-from grpo_jax.data.iterator import BatchIterator, batches, collate, epoch_permutation, run_batches
+from grpo_jax.data.iterator import BatchIterator, batches, collate, epoch_permutation, overlong_filter, run_batches
 from grpo_jax.data.prompts import (
     R1_SYSTEM_PROMPT,
     SYSTEM_PROMPTS,
@@ -39,6 +39,7 @@ from grpo_jax.data.sources import (
 __all__ = [
     "BatchIterator", "DataError", "Dataset", "EncodedPrompts", "ListDataset", "ProceduralDataset", "PromptFormatter",
     "R1_SYSTEM_PROMPT", "ReasoningGymDataset", "SYSTEM_PROMPTS", "TfdsDataset", "batches", "collate", "encode_ids",
-    "epoch_permutation", "load_dataset", "make_arithmetic", "make_countdown", "map_row", "pad_token_id",
+    "epoch_permutation", "load_dataset", "make_arithmetic", "make_countdown", "map_row", "overlong_filter",
+    "pad_token_id",
     "read_jsonl", "resolve_files", "run_batches", "resolve_system_prompt", "verify_countdown",
 ]

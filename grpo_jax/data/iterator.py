@@ -133,7 +133,7 @@ class BatchIterator:
                 scanned_without_keep += 1
                 if scanned_without_keep > n:
                     raise DataError(f"{getattr(self.dataset, 'name', 'dataset')}: every row was dropped "
-                                    f"(too long for the prompt length?)")
+                                    "(longer than rollout.max_prompt_length, with data.overlong_prompts=drop)")
         return indices, cache
 
     def __iter__(self) -> Iterator[dict[str, list]]:
@@ -174,9 +174,13 @@ def run_batches(dataset: Dataset, cfg, formatter, process_index: int = 0, proces
 
     cfg: the run's Config; formatter: its PromptFormatter (with data.overlong_prompts=drop, overlong
     prompts are left out before they reach a batch, so batches stay full)."""
-    keep = None
-    if cfg.data.overlong_prompts == "drop":
-        limit = cfg.rollout.max_prompt_length
-        keep = lambda row: not formatter.is_overlong(row["prompt"], limit)
     return batches(dataset, cfg.data.batch_size, cfg.run.seed, shuffle=cfg.data.shuffle, repeat=True,
-                   process_index=process_index, process_count=process_count, keep=keep)
+                   process_index=process_index, process_count=process_count, keep=overlong_filter(cfg, formatter))
+
+
+def overlong_filter(cfg, formatter) -> Optional[Callable[[dict], bool]]:
+    """The `keep` of a run's batches: with data.overlong_prompts=drop, rows whose prompt is too long go."""
+    if cfg.data.overlong_prompts != "drop":
+        return None
+    limit = cfg.rollout.max_prompt_length
+    return lambda row: not formatter.is_overlong(row["prompt"], limit)

@@ -138,8 +138,13 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
         import gzip
 
         opener = gzip.open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") \
+                    from None
             if not line.strip():
                 continue
             try:

@@ -668,6 +668,9 @@ def load_tokenizer(path_or_id, config: TransformerConfig | None = None):
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"cannot load a tokenizer from {folder}: {str(e).splitlines()[0] if str(e) else e}") \
             from None
+    if not tok("Hello world").get("input_ids"):  # transformers builds an empty one from a folder without its files
+        raise ModelLoadError(f"no tokenizer in {folder}: it turns text into no tokens (tokenizer.json / "
+                             "tokenizer.model missing?); point model.tokenizer at the model's tokenizer")
     if config is not None:
         check_tokenizer(tok, config)
     return tok

@@ -57,6 +57,10 @@ class RewardResult:
     means: dict[str, float]
     num_errors: dict[str, int] = field(default_factory=dict)
 
+    def unscored(self) -> list[str]:
+        """The functions that scored no completion of this batch (every value NaN or None)."""
+        return [name for k, name in enumerate(self.names) if self.rewards.size and np.isnan(self.rewards[:, k]).all()]
+
     def stats(self, prefix: str = "rewards/") -> dict[str, float]:
         """Flat metrics: `{prefix}{name}/mean|std|errors`, `{prefix}total/mean|std`."""
         out: dict[str, float] = {}
