@@ -51,7 +51,8 @@ ON_ERROR: tuple[str, ...] = typing.get_args(OnError)
 # An entry ending in "." covers its whole section.
 RESUMABLE_KEYS: tuple[str, ...] = (
     "run.name", "run.steps", "run.output_dir", "run.resume", "run.eval_every", "run.eval_max_examples",
-    "run.max_skipped_updates", "run.sized_for", "logging.", "checkpoint.", "mesh.", "sft.", "rewards.num_workers",
+    "run.max_skipped_updates", "run.sized_for", "logging.", "checkpoint.", "mesh.", "sft.", "distill.", "pipeline.",
+    "rewards.num_workers",
     "model.remat", "model.attention_impl", "model.attention_block_q", "model.attention_block_kv",
     "model.mlp_chunk_size", "grpo.micro_batch_size", "data.eval_split", "data.num_eval_examples",
     "data.tfds_manual_dir",
@@ -311,6 +312,35 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    teacher: Optional[str] = None
+    """The model that writes the corpus (any model.path the project loads); null: model.path itself,
+    which makes `distill` rejection sampling (STaR / RFT) of the policy."""
+    teacher_tokenizer: Optional[str] = None
+    """The teacher's tokenizer; defaults to the teacher's own (model.tokenizer when teacher is null)."""
+    num_prompts: int = 256
+    """Prompts of data.split to sample from, in the data order of run.seed (0: all of them)."""
+    samples_per_prompt: int = 8
+    """K: completions sampled per prompt (rollout's temperature, top_p, ... and max_completion_length)."""
+    keep: Literal["best", "all", "shortest"] = "best"
+    """Per prompt, of the completions whose total reward is >= min_reward: the highest-reward one
+    (best, the shortest on ties), every one (all), or the shortest (shortest)."""
+    min_reward: float = 1.0
+    """The total weighted reward (rewards.functions x rewards.weights) a completion needs to be kept."""
+    keep_truncated: bool = False
+    """Also keep completions cut off at rollout.max_completion_length (by default they are dropped:
+    fine-tuning on them teaches the model to stop mid-thought)."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    stages: tuple[Any, ...] = ()
+    """`python -m launch pipeline`: the stages in order, each a mapping with `kind` (distill | sft |
+    train | eval), an optional `name`, and `overrides` (config keys, nested or dotted, applied on top
+    of this config for that stage only). Each stage's output model feeds the next."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "grpo"
     """Run name, used in logs."""
@@ -348,6 +378,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -367,12 +399,41 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         layers.append((_read_yaml(path), str(path)))
     if overrides:
         layers.append((_parse_overrides(overrides), None))
-    for layer, source in layers:
-        _check_keys(OmegaConf.to_container(layer), source)
-        try:  # one layer at a time, so an error names where the bad value came from
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as e:
-            raise ConfigError(_explain(e, source)) from None
+    for layer, source in layers:  # one layer at a time, so an error names where the bad value came from
+        merged = _merge_layer(merged, layer, source)
+    return _finish(merged)
+
+
+def apply_overrides(cfg: Config, overrides: dict, source: str) -> Config:
+    """`cfg` with `overrides` on top: a mapping of sections (`{sft: {steps: 60}}`) or dotted keys
+    (`{"sft.steps": 60}`), checked and validated as a config file is; `source` names it in errors."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {overrides!r}")
+    nested: dict = {}
+    for key, value in overrides.items():
+        section, dot, leaf = str(key).partition(".")
+        if dot:
+            nested.setdefault(section, {})[leaf] = value
+        elif isinstance(value, dict):
+            nested.setdefault(section, {}).update(value)
+        else:
+            raise ConfigError(f"{source}: {_unknown_key_message(str(key))}")
+    merged = _merge_layer(OmegaConf.structured(cfg), OmegaConf.create(nested), source)
+    try:
+        return _finish(merged)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _merge_layer(merged, layer, source):
+    _check_keys(OmegaConf.to_container(layer), source)
+    try:
+        return OmegaConf.merge(merged, layer)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, source)) from None
+
+
+def _finish(merged) -> Config:
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -641,6 +702,9 @@ def validate(cfg: Config) -> None:
     need(cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1")
     need(cfg.sft.steps >= 0 and cfg.sft.batch_size >= 1 and cfg.sft.max_completion_length >= 1,
          "sft.steps must be >= 0, sft.batch_size and sft.max_completion_length >= 1")
+    need(cfg.distill.num_prompts >= 0, "distill.num_prompts must be >= 0 (0: every prompt of data.split)")
+    need(cfg.distill.samples_per_prompt >= 1, "distill.samples_per_prompt must be >= 1")
+    need(math.isfinite(cfg.distill.min_reward), "distill.min_reward must be a finite number")
 
 
 # ---------------------------------------------------------------- output
@@ -655,16 +719,22 @@ def flat_dict(cfg: Config) -> dict[str, Any]:
     return {f"{section}.{key}": value for section, values in to_dict(cfg).items() for key, value in values.items()}
 
 
+def key_in(key: str, keys: Sequence[str]) -> bool:
+    """Whether `key` is one of `keys`, where an entry ending in "." stands for its whole section."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
+
+
 def is_resumable(key: str) -> bool:
     """Whether `key` may change when a run resumes (RESUMABLE_KEYS)."""
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+    return key_in(key, RESUMABLE_KEYS)
 
 
-def identity_changes(saved: Config, new: Config) -> list[str]:
-    """The run-identity settings that differ, as "grpo.beta: 0.04 -> 0.0" (resumable keys left out)."""
+def identity_changes(saved: Config, new: Config, keys: Optional[Sequence[str]] = None) -> list[str]:
+    """The identity settings that differ, as "grpo.beta: 0.04 -> 0.0": a training run's (every key
+    but the resumable ones), or with `keys` those keys (another command's identity, e.g. distill's)."""
     old, now = flat_dict(saved), flat_dict(new)
-    return [f"{key}: {_show(old[key])} -> {_show(now[key])}" for key in old
-            if old[key] != now[key] and not is_resumable(key)]
+    counts = (lambda key: not is_resumable(key)) if keys is None else (lambda key: key_in(key, keys))
+    return [f"{key}: {_show(old[key])} -> {_show(now[key])}" for key in old if old[key] != now[key] and counts(key)]
 
 
 def to_yaml(cfg: Config) -> str:

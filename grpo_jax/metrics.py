@@ -177,7 +177,7 @@ def keep_rows(path: Path, n: int) -> int:
 PLOTS = {
     "reward": ["reward/mean"],
     "reward_per_function": "reward/",
-    "eval_accuracy": ["eval/accuracy"],
+    "eval_accuracy": ["eval/accuracy", "eval/format"],
     "kl": ["kl"],
     "entropy": ["entropy"],
     "clip_ratio": ["clip_ratio/low", "clip_ratio/high", "clip_ratio/region"],

@@ -21,6 +21,8 @@ import sys
 COMMANDS = {
     "train": ("launch.train", "train a model with GRPO (resumes from the run dir's newest checkpoint)"),
     "sft": ("launch.sft", "supervised fine-tuning on (prompt, completion) pairs (the R1 cold start)"),
+    "distill": ("launch.distill", "sample a teacher's completions, keep the ones the rewards accept (JSONL for sft)"),
+    "pipeline": ("launch.pipeline", "the R1 recipe's stages (distill, sft, train, eval) in one run dir, resumable"),
     "eval": ("launch.eval", "evaluate a model or a run's checkpoint: pass@1, pass@k, maj@k"),
     "plan": ("launch.plan", "per-device memory of a run on a mesh: compiles the step programs, allocates nothing"),
     "config": ("launch.config_cmd", "print (and optionally save) the resolved run config"),
