@@ -25,11 +25,12 @@ start over. A stop signal during train or distill saves, and the pipeline stops 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 
@@ -52,6 +53,7 @@ from grpo_jax.models.hf import save_converted
 from grpo_jax.policy import Policy, model_config, model_source
 from grpo_jax.rewards import RewardSet
 from grpo_jax.run_dir import CONFIG_FILE, RunLock
+from grpo_jax.sft import run_sft
 
 KINDS = ("distill", "sft", "train", "eval")
 STAGE_KEYS = ("kind", "name", "overrides")
@@ -139,8 +141,12 @@ def check_finished(stages: list[Stage]) -> list[Stage]:
     return finished
 
 
-def run_pipeline(cfg: Config) -> dict:
-    """Run the stages not finished yet; returns {"stages": [...records], "table": str} or {"stopped_in": n}."""
+def run_pipeline(cfg: Config, train: Callable[..., dict]) -> dict:
+    """Run the stages not finished yet; returns {"stages": [...records], "table": str} or {"stopped_in": n}.
+
+    train: the GRPO run, `grpo_jax.loop.train`, passed in by the caller (the CLI): library modules do
+    not import the training run they are part of (tests/tools/import_graph.py)."""
+    runners = dict(RUNNERS, train=functools.partial(run_train_stage, train=train))
     stages = plan(cfg)
     root = Path(cfg.run.output_dir)
     lock = RunLock(root)
@@ -157,7 +163,7 @@ def run_pipeline(cfg: Config) -> dict:
                 continue
             print(f"\n[stage {s.number}/{len(stages)}] {s.name} ({s.kind}) -> {s.dir}", flush=True)
             started = time.perf_counter()
-            record = RUNNERS[s.kind](s)
+            record = runners[s.kind](s)
             if record is None:
                 print(f"\npipeline stopped in stage {s.number} ({s.name}); re-run the same command to continue",
                       flush=True)
@@ -190,15 +196,11 @@ def run_distill_stage(s: Stage) -> Optional[dict]:
 
 
 def run_sft_stage(s: Stage) -> Optional[dict]:
-    from grpo_jax.sft import run_sft  # imports the trainer; the other stages do not need it
-
     model_dir = run_sft(s.cfg, s.dir)
     return {"model": str(model_dir), "evaluations": []}
 
 
-def run_train_stage(s: Stage) -> Optional[dict]:
-    from grpo_jax.loop import train  # the GRPO loop, only for this stage
-
+def run_train_stage(s: Stage, train: Callable[..., dict]) -> Optional[dict]:
     summary = train(s.cfg, show_config=False)
     if "stopped_at" in summary:
         return None
@@ -229,7 +231,7 @@ def run_eval_stage(s: Stage) -> Optional[dict]:
     return {"evaluations": [{"model": s.model_in, "metrics": metrics}]}
 
 
-RUNNERS = {"distill": run_distill_stage, "sft": run_sft_stage, "train": run_train_stage, "eval": run_eval_stage}
+RUNNERS = {"distill": run_distill_stage, "sft": run_sft_stage, "eval": run_eval_stage}  # train: run_pipeline's
 
 
 def train_evaluations(run_dir: Path, steps: int) -> tuple[dict, dict]:

@@ -19,6 +19,7 @@ def add_arguments(parser):
 
 
 def main(args) -> int:
+    from grpo_jax.loop import train
     from grpo_jax.pipeline import plan, run_pipeline
 
     cfg = config_from_args(args)
@@ -26,5 +27,5 @@ def main(args) -> int:
         for s in plan(cfg):
             print(f"stage {s.number}: {s.name} ({s.kind}) model {s.cfg.model.path} -> {s.dir}")
         return 0
-    run_pipeline(cfg)
+    run_pipeline(cfg, train)
     return 0
