@@ -191,6 +191,12 @@ def run_distill_stage(s: Stage) -> Optional[dict]:
     summary = run_distill(s.cfg, s.dir)
     if not summary.complete:
         return None
+    if summary.kept == 0:
+        d = s.cfg.distill
+        raise ConfigError(f"stage {s.number} ({s.name}) kept no completion: none of {summary.completions} reached "
+                          f"distill.min_reward={d.min_reward:g}; sample more (distill.samples_per_prompt, "
+                          "rollout.temperature), lower the bar, or use a stronger distill.teacher "
+                          f"(delete {s.dir} to redo it)")
     return {"corpus": str(summary.corpus), "prompts": summary.prompts, "completions": summary.completions,
             "kept": summary.kept, "prompts_kept": summary.prompts_kept, "evaluations": []}
 
@@ -308,9 +314,12 @@ def plot_stages(stages: list[Stage], records: list[dict], out: Path) -> Optional
 
 
 def _cell(key: str, value) -> str:
+    """Rates (pass@k, rewards in [0, 1]) as percentages; lengths and other scores as numbers."""
     if value is None:
         return "n/a"
-    return f"{value:.1f}" if key == "eval/mean_length" else f"{value:.1%}"
+    if key == "eval/mean_length":
+        return f"{value:.1f}"
+    return f"{value:.1%}" if 0.0 <= value <= 1.0 else f"{value:.3f}"
 
 
 def _slug(name: str) -> str:

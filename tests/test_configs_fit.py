@@ -23,7 +23,7 @@ from grpo_jax.planner import FIT_FRACTION, parse_target
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 # configs whose model files are not here: plan the same shape from its preset
-PRESET = {"smollm2-gsm8k.yaml": "smollm2-135m"}
+PRESET = {"smollm2-gsm8k.yaml": "smollm2-135m", "r1-smollm2-arithmetic.yaml": "smollm2-135m"}
 
 
 def pairs():
