@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -37,9 +36,10 @@ import numpy as np
 
 from grpo_jax.config import Config, ConfigError, identity_changes, load_config, save_config
 from grpo_jax.data import batches, load_dataset, overlong_filter
+from grpo_jax.metrics import finite_or_none
 from grpo_jax.policy import Policy
 from grpo_jax.rewards.compute import RewardSet
-from grpo_jax.run_dir import CONFIG_FILE, RunLock
+from grpo_jax.run_dir import CONFIG_FILE, RunLock, write_json
 from grpo_jax.signals import StopSignals
 
 CORPUS_FILE = "distill.jsonl"
@@ -96,7 +96,7 @@ def corpus_rows(batch: dict, texts: list[str], result, lengths: np.ndarray, trun
             row = {"prompt": batch["prompt"][i], "completion": texts[r], "answer": batch["answer"][i]}
             row.update({c: batch[c][i] for c in extra if _is_json(batch[c][i])})
             row["reward"] = float(result.total[r])
-            row.update({f"reward/{name}": _finite(result.rewards[r, n]) for n, name in enumerate(result.names)})
+            row.update({f"reward/{name}": finite_or_none(result.rewards[r, n]) for n, name in enumerate(result.names)})
             row.update(length=int(lengths[r]), truncated=bool(truncated[r]), teacher=teacher,
                        index=int(batch["index"][i]), sample=int(j))
             rows.append(row)
@@ -122,9 +122,7 @@ class Progress:
 
     def update(self, **values) -> None:
         self.state.update(values)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.path)
+        write_json(self.path, self.state)
 
 
 def claim_corpus(cfg: Config, out_dir: Path) -> Progress:
@@ -265,8 +263,3 @@ def _is_json(value) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-def _finite(value) -> Optional[float]:
-    value = float(value)
-    return value if math.isfinite(value) else None

@@ -29,7 +29,7 @@ CONSOLE = [
 ]
 
 
-def _finite_or_none(value):
+def finite_or_none(value):
     value = float(value)
     return value if math.isfinite(value) else None
 
@@ -82,7 +82,7 @@ class MetricsLogger:
         if not self.is_main:
             return
         row = {"step": int(step), "time": round(time.time() - self._start, 3)}
-        row.update({k: _finite_or_none(v) for k, v in sorted(metrics.items())})
+        row.update({k: finite_or_none(v) for k, v in sorted(metrics.items())})
         if self.cfg.jsonl:
             if self._jsonl is None:  # opened at first use, after a resume has truncated the file
                 self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)

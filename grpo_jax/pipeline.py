@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -52,7 +51,7 @@ from grpo_jax.evaluate import evaluate_over_processes
 from grpo_jax.models.hf import save_converted
 from grpo_jax.policy import Policy, model_config, model_source
 from grpo_jax.rewards import RewardSet
-from grpo_jax.run_dir import CONFIG_FILE, RunLock
+from grpo_jax.run_dir import CONFIG_FILE, RunLock, write_json
 from grpo_jax.sft import run_sft
 
 KINDS = ("distill", "sft", "train", "eval")
@@ -169,7 +168,7 @@ def run_pipeline(cfg: Config, train: Callable[..., dict]) -> dict:
                       flush=True)
                 return {"stopped_in": s.number}
             record.update(kind=s.kind, name=s.name, wall_s=round(time.perf_counter() - started, 1))
-            _write_json(s.dir / STAGE_FILE, record)
+            write_json(s.dir / STAGE_FILE, record)
         records = [json.loads((s.dir / STAGE_FILE).read_text()) for s in stages]
         table = results_table(stages, records)
         (root / RESULTS_FILE).write_text(table + "\n")
@@ -232,7 +231,7 @@ def run_eval_stage(s: Stage) -> Optional[dict]:
     finally:
         rewards.close()
     if jax.process_index() == 0:
-        _write_json(s.dir / "eval.json", {"model": cfg.model.path, "label": s.model_in, **metrics})
+        write_json(s.dir / "eval.json", {"model": cfg.model.path, "label": s.model_in, **metrics})
     print("  " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k not in TABLE_SKIP), flush=True)
     return {"evaluations": [{"model": s.model_in, "metrics": metrics}]}
 
@@ -324,10 +323,3 @@ def _cell(key: str, value) -> str:
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name.strip().lower()) or "stage"
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)

@@ -175,3 +175,12 @@ def _free_sibling(run_dir: Path) -> Path:
         while (run_dir.parent / f"{run_dir.name}-{n}" / CONFIG_FILE).exists():
             n += 1
     return run_dir.parent / f"{run_dir.name}-{distributed.global_max(n)}"
+
+
+def write_json(path: str | os.PathLike, value: dict) -> None:
+    """Write a JSON file whole or not at all (a temporary file, then a rename): progress and stage records."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
