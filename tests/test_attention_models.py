@@ -55,9 +55,11 @@ def assert_same(dense, other, mask, what):
                                err_msg=what)
     for (path, gd), go in zip(jax.tree_util.tree_flatten_with_path(grads_d)[0], jax.tree.leaves(grads_o)):
         assert np.isfinite(go).all(), (what, path)
-        # relative in norm: a bias gradient sums many cancelling terms, so single entries carry rounding
+        # relative in norm: a bias gradient sums many cancelling terms, so single entries carry rounding.
+        # 5e-5: float32 dense is itself ~1.5e-5 from a float64 run of qwen3 (QK norms on weights x3), and
+        # the two paths' summation orders land either side of that; a masking or rescaling bug is > 1e-2.
         err, scale = np.linalg.norm(go - gd), np.linalg.norm(gd)
-        assert err <= 1e-5 * scale + 1e-6, (what, jax.tree_util.keystr(path), float(err), float(scale))
+        assert err <= 5e-5 * scale + 1e-6, (what, jax.tree_util.keystr(path), float(err), float(scale))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
