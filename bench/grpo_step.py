@@ -21,7 +21,10 @@ after the second reuses compiled programs.
 Each workload runs in its own subprocess, so its peak RSS (ru_maxrss) is its own.
 
     .venv/bin/python bench/grpo_step.py [--workload tiny|small|smollm2|all] [--steps 5] [--json out.json]
-        [--micro-batch ROWS]
+        [--micro-batch ROWS] [--lora-rank R]
+
+--lora-rank R trains rank-R LoRA adapters (alpha 2R) on every linear of the frozen base instead
+of the whole model, as `model.lora_rank=R` does: the rollout reads base + adapters unmerged.
 """
 
 from __future__ import annotations
@@ -47,10 +50,11 @@ def model_config(w: common.Workload):
         model_type="qwen2" if w.qkv_bias else "llama")
 
 
-def run_config(w: common.Workload, micro_batch: int = 0):
-    from grpo_jax.config import Config, DataConfig, GRPOConfig, OptimConfig, RolloutConfig
+def run_config(w: common.Workload, micro_batch: int = 0, lora_rank: int = 0):
+    from grpo_jax.config import Config, DataConfig, GRPOConfig, ModelConfig, OptimConfig, RolloutConfig
 
     return Config(
+        model=ModelConfig(lora_rank=lora_rank),
         rollout=RolloutConfig(group_size=w.group, max_prompt_length=w.prompt_len,
                               max_completion_length=w.new_tokens, temperature=1.0, stop_token_ids=()),
         grpo=GRPOConfig(beta=w.beta, epsilon=common.EPSILON, num_iterations=1, num_minibatches=1,
@@ -60,17 +64,21 @@ def run_config(w: common.Workload, micro_batch: int = 0):
     )
 
 
-def run_workload(w: common.Workload, steps: int, matmul_gflops: float, micro_batch: int = 0) -> dict:
+def run_workload(w: common.Workload, steps: int, matmul_gflops: float, micro_batch: int = 0,
+                 lora_rank: int = 0) -> dict:
     """`steps` GRPO steps of one workload; the result row (see common.summarize).
 
-    micro_batch: grpo.micro_batch_size (rows per forward/backward pass; 0: all rows at once)."""
+    micro_batch: grpo.micro_batch_size (rows per forward/backward pass; 0: all rows at once).
+    lora_rank: > 0 trains LoRA adapters on the frozen base (model.lora_rank)."""
+    import functools
+
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from grpo_jax import sharding
-    from grpo_jax.models import transformer
+    from grpo_jax.models import lora, transformer
     from grpo_jax.objective import group_advantages
     from grpo_jax.optim import make_optimizer
     from grpo_jax.rollout import SamplingParams, generate
@@ -81,7 +89,7 @@ def run_workload(w: common.Workload, steps: int, matmul_gflops: float, micro_bat
         lambda event, duration, **kw: compiles.append(duration) if event == COMPILE_EVENT else None)
 
     # set up as loop.Run does: a mesh, the train state placed in its shardings, steps with fixed out shardings
-    config, cfg = model_config(w), run_config(w, micro_batch)
+    config, cfg = model_config(w), run_config(w, micro_batch, lora_rank)
     mesh = sharding.make_mesh(cfg.mesh)
     model = transformer.Transformer(config, rngs=nnx.Rngs(common.SEED))
     params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
@@ -89,11 +97,19 @@ def run_workload(w: common.Workload, steps: int, matmul_gflops: float, micro_bat
     decoder = transformer.Decoder(config)
     forward, init_cache = decoder, decoder.init_cache
     optimizer = make_optimizer(cfg.optim, steps)
-    state = init_train_state(params, optimizer, jax.random.PRNGKey(common.SEED), keep_reference=w.beta != 0)
-    state_shardings = sharding.train_state_shardings(state, optimizer, jax.tree.map(lambda x: x.sharding, params),
-                                                     mesh)
+    spec = lora.LoraSpec.from_config(cfg.model)
+    trained, trained_shardings = params, jax.tree.map(lambda x: x.sharding, params)
+    if spec is not None:  # the adapters train; params stay as the frozen base
+        trained = jax.jit(lora.init_adapters, static_argnums=1)(params, spec, jax.random.PRNGKey(common.SEED))
+        trained_shardings = lora.adapter_shardings(trained, trained_shardings)
+    state = init_train_state(trained, optimizer, jax.random.PRNGKey(common.SEED),
+                             keep_reference=w.beta != 0 and spec is None)
+    state_shardings = sharding.train_state_shardings(state, optimizer, trained_shardings, mesh)
     state = jax.device_put(state, state_shardings)
-    logps_step, update_step = make_steps(decoder, optimizer, cfg, state_shardings)
+    frozen = None if spec is None else params
+    logps_step, update_step = (functools.partial(fn, frozen=frozen)
+                               for fn in make_steps(decoder, optimizer, cfg, state_shardings))
+    decoder_params = (lambda s: s.params) if spec is None else (lambda s: lora.combine(params, s.params, spec))
     sampling = SamplingParams(w.new_tokens, temperature=1.0, stop_token_ids=(), pad_token_id=0)
     prompt_ids = np.asarray(common.random_prompts(w), np.int32)
     prompt_mask = np.ones(prompt_ids.shape, bool)
@@ -102,7 +118,7 @@ def run_workload(w: common.Workload, steps: int, matmul_gflops: float, micro_bat
     step_times, splits, compiles_at = [], [], []
     for step in range(steps):
         t0 = time.perf_counter()
-        out = generate(forward, init_cache, state.params, prompt_ids, prompt_mask,
+        out = generate(forward, init_cache, decoder_params(state), prompt_ids, prompt_mask,
                        jax.random.fold_in(state.rng, step), sampling, group_size=w.group, buckets=(w.prompt_len,))
         tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
         t1 = time.perf_counter()
@@ -135,7 +151,9 @@ def versions() -> dict:
 
 def main(argv=None) -> int:
     options = {"--micro-batch": dict(type=int, default=0, metavar="ROWS",
-                                     help="grpo.micro_batch_size: rows per forward/backward pass (0: all)")}
+                                     help="grpo.micro_batch_size: rows per forward/backward pass (0: all)"),
+               "--lora-rank": dict(type=int, default=0, metavar="R",
+                                   help="train rank-R LoRA adapters on the frozen base (0: the whole model)")}
     return common.cli_main("grpo_jax", __doc__, os.path.abspath(__file__), run_workload, versions,
                            common.jax_matmul_gflops, argv, options)
 

@@ -10,6 +10,7 @@ the compiled HLO), which is how to find *which* copy or matmul is slow; it also 
 how much of the device time ran concurrently on XLA:CPU's threads.
 
     .venv/bin/python bench/update_profile.py [--workload small] [--steps 6] [--top 12] [--by kind|op]
+        [--lora-rank R]
 """
 
 from __future__ import annotations
@@ -32,28 +33,37 @@ from bench.grpo_step import model_config, run_config  # noqa: E402
 from bench.peers import common  # noqa: E402
 
 
-def build(w: common.Workload):
-    """(state, batch, update, cfg) of a workload as loop.Run sets them up; beta 0: the update alone."""
+def build(w: common.Workload, lora_rank: int = 0):
+    """(state, batch, update, cfg) of a workload as loop.Run sets them up; beta 0: the update alone.
+    lora_rank > 0: rank-R adapters on every linear train, on the frozen base (`update` binds it)."""
+    import functools
+
     import jax
     import numpy as np
     from flax import nnx
 
     from grpo_jax import sharding
-    from grpo_jax.models import transformer
+    from grpo_jax.models import lora, transformer
     from grpo_jax.optim import make_optimizer
     from grpo_jax.trainer import assemble_batch, init_train_state, make_steps
 
-    config, cfg = model_config(w), run_config(w)
+    config, cfg = model_config(w), run_config(w, lora_rank=lora_rank)
     cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, beta=0.0))
     mesh = sharding.make_mesh(cfg.mesh)
     model = transformer.Transformer(config, rngs=nnx.Rngs(common.SEED))
     params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
                             transformer.param_shardings(model, mesh, sharding.DEFAULT_RULES))
     optimizer = make_optimizer(cfg.optim, 1000)
-    state = init_train_state(params, optimizer, jax.random.PRNGKey(common.SEED), keep_reference=False)
-    shardings = sharding.train_state_shardings(state, optimizer, jax.tree.map(lambda x: x.sharding, params), mesh)
+    spec = lora.LoraSpec.from_config(cfg.model)
+    trained, trained_shardings = params, jax.tree.map(lambda x: x.sharding, params)
+    if spec is not None:
+        trained = jax.jit(lora.init_adapters, static_argnums=1)(params, spec, jax.random.PRNGKey(common.SEED))
+        trained_shardings = lora.adapter_shardings(trained, trained_shardings)
+    state = init_train_state(trained, optimizer, jax.random.PRNGKey(common.SEED), keep_reference=False)
+    shardings = sharding.train_state_shardings(state, optimizer, trained_shardings, mesh)
     state = jax.device_put(state, shardings)
-    update = make_steps(transformer.Decoder(config), optimizer, cfg, shardings).update
+    update = functools.partial(make_steps(transformer.Decoder(config), optimizer, cfg, shardings).update,
+                               frozen=None if spec is None else params)
     rng = np.random.default_rng(common.SEED)
     prompts = rng.integers(1, w.vocab, (w.rows, w.prompt_len)).astype(np.int32)
     completions = rng.integers(1, w.vocab, (w.rows, w.new_tokens)).astype(np.int32)
@@ -112,6 +122,7 @@ def busy_ms(events: list[dict], steps: int) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="small", choices=sorted(common.WORKLOADS))
+    parser.add_argument("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters (0: the whole model)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps after the first (compile) one")
     parser.add_argument("--top", type=int, default=12, help="op kinds (or ops) to print")
     parser.add_argument("--by", choices=("kind", "op"), default="kind",
@@ -123,7 +134,7 @@ def main(argv=None) -> int:
 
     from grpo_jax.trainer import train_on_batch
 
-    state, batch, update, cfg = build(common.WORKLOADS[args.workload])
+    state, batch, update, cfg = build(common.WORKLOADS[args.workload], args.lora_rank)
 
     def step(state):
         state, metrics = train_on_batch(state, batch, update, cfg)
@@ -151,7 +162,7 @@ def main(argv=None) -> int:
             print(f"  {ms:8.1f} ms  {kind}")
         return 0
     totals, calls = time_by_op(events, 2)
-    ops = describe_ops(update.lower(state, batch).compile().as_text())
+    ops = describe_ops(update.func.lower(state, batch, **update.keywords).compile().as_text())
     print(f"device time per step by op ({sum(totals.values()):.0f} ms in all, "
           f"{busy_ms(events, 2):.0f} ms with at least one thread busy):")
     for name, ms in totals.most_common(args.top):

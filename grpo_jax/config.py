@@ -26,6 +26,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 DType = Literal["float32", "bfloat16"]
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # model.lora_targets: these, q_proj .. down_proj, or:
+LORA_ALL_LINEAR = "all-linear"
 
 # The allowed values of the settings other modules check too: one home, imported there.
 RematPolicy = Literal["none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
@@ -91,6 +93,22 @@ class ModelConfig:
     mlp_chunk_size: int = 0
     """> 0: each layer's MLP runs this many sequence positions at a time, rematerialised, so its
     [rows, T, intermediate] buffers never exist whole (long traces: e.g. 2048); 0: the whole sequence."""
+
+    lora_rank: int = 0
+    """> 0: train LoRA adapters of this rank on the frozen base weights (the optimizer sees only the
+    adapters; the reference policy is the base with them off); 0: full fine-tuning."""
+    lora_alpha: Optional[float] = None
+    """LoRA scale numerator: the adapter adds (alpha / rank) B A x; default 2 x rank."""
+    lora_dropout: float = 0.0
+    """Dropout on each adapter's input in the update's passes (PEFT's lora_dropout; 0 keeps the
+    update's log-probs those of the policy that sampled)."""
+    lora_targets: tuple[str, ...] = ("all-linear",)
+    """The weights that get adapters: q, k, v, o, gate, up, down (or q_proj, ...); all-linear: all seven."""
+    lora_base_dtype: Optional[DType] = None
+    """dtype the frozen base is kept in (bfloat16 halves it); default model.param_dtype, which the
+    adapters and their optimizer state keep."""
+    lora_init_from: Optional[str] = None
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to start the adapters from."""
 
     def decoder_overrides(self) -> dict:
         """The TransformerConfig fields this section sets on a loaded model (dtypes, remat, attention)."""
@@ -616,6 +634,30 @@ def optimizer_updates(cfg: Config) -> int:
     return max(cfg.run.steps, 1) * cfg.grpo.num_iterations * cfg.grpo.num_minibatches
 
 
+def validate_lora(m: ModelConfig, g: GRPOConfig) -> None:
+    """model.lora_*: in range and compatible with the reference sync. model.lora_rank=0 turns LoRA off (the
+    other lora_* keys then do nothing), except that adapters to start from need a rank to train them at."""
+    if not m.lora_rank:
+        if m.lora_init_from:
+            raise ConfigError(f"model.lora_init_from={m.lora_init_from} is set but model.lora_rank=0 (full "
+                              "fine-tuning); set model.lora_rank to the adapters' rank to train them")
+        return
+    if m.lora_rank < 0:
+        raise ConfigError(f"model.lora_rank={m.lora_rank} must be > 0 (or 0 for full fine-tuning)")
+    if m.lora_alpha is not None and m.lora_alpha <= 0:
+        raise ConfigError(f"model.lora_alpha={m.lora_alpha} must be > 0")
+    if not 0 <= m.lora_dropout < 1:
+        raise ConfigError(f"model.lora_dropout={m.lora_dropout} must be in [0, 1)")
+    allowed = (*LORA_TARGETS, *(f"{t}_proj" for t in LORA_TARGETS), LORA_ALL_LINEAR)
+    unknown = [t for t in m.lora_targets if t not in allowed]
+    if unknown or not m.lora_targets:
+        raise ConfigError(f"model.lora_targets: {unknown[0] if unknown else 'empty'}; name some of "
+                          f"{', '.join(allowed)}")
+    if g.beta != 0 and g.ref_sync_steps:
+        raise ConfigError("grpo.ref_sync_steps with model.lora_rank > 0: the reference is the base model with the "
+                          "adapters off, and it stays the base; set grpo.ref_sync_steps=0")
+
+
 def validate(cfg: Config) -> None:
     """Combinations that type checks cannot catch; each says why it is wrong."""
     r, g, o, d = cfg.rollout, cfg.grpo, cfg.optim, cfg.data
@@ -645,6 +687,7 @@ def validate(cfg: Config) -> None:
     need(g.advantage_eps >= 0, "grpo.advantage_eps must be >= 0")
     need(g.ref_sync_steps >= 0 and 0 < g.ref_mixup_alpha <= 1,
          "grpo.ref_sync_steps must be >= 0 and grpo.ref_mixup_alpha in (0, 1]")
+    validate_lora(cfg.model, g)
     need(g.num_iterations >= 1, "grpo.num_iterations must be >= 1")
     need(g.num_minibatches >= 1, "grpo.num_minibatches must be >= 1")
     need((d.batch_size * r.group_size) % g.num_minibatches == 0,

@@ -32,7 +32,7 @@ from grpo_jax.evaluate import EvaluationStopped, evaluate_over_processes, metric
 from grpo_jax.metrics import MetricsLogger, plot_run
 from grpo_jax.objective import flat_groups, group_advantages
 from grpo_jax.optim import make_optimizer
-from grpo_jax.planner import run_micro_batch
+from grpo_jax.planner import run_micro_batch, training_line
 from grpo_jax.policy import Policy, Samples
 from grpo_jax.rewards import RewardError, RewardSet
 from grpo_jax.rewards.compute import RewardResult
@@ -48,7 +48,9 @@ from grpo_jax.step_metrics import (
 )
 from grpo_jax.trainer import (
     Batch,
+    Steps,
     init_train_state,
+    keeps_reference,
     loss_mask,
     make_steps,
     micro_batch_count,
@@ -122,12 +124,19 @@ class Run:
         self.eval_data = load_dataset(cfg.data, cfg.data.eval_split, cfg.run.seed) if cfg.data.eval_split else None
         self.data = run_batches(self.train_data, cfg, self.policy.formatter, jax.process_index(), jax.process_count())
         self.optimizer = make_optimizer(cfg.optim, optimizer_updates(cfg))
-        state = init_train_state(self.policy.params, self.optimizer, jax.random.PRNGKey(cfg.run.seed),
-                                 keep_reference=cfg.grpo.beta != 0)
-        self.state_shardings = sharding.train_state_shardings(state, self.optimizer, self.policy.param_shardings,
-                                                              self.mesh)
+        rng = jax.random.PRNGKey(cfg.run.seed)
+        # LoRA: the state trains the adapters; the policy keeps the frozen base, passed to the steps beside it
+        trained = self.policy.params if self.policy.lora is None else self.policy.initial_adapters(
+            jax.random.fold_in(rng, 1))
+        state = init_train_state(trained, self.optimizer, rng, keep_reference=keeps_reference(cfg))
+        if self.policy.lora is not None and self.is_main:
+            print(f"training: {training_line(cfg, self.policy.config, state, self.policy.params)}", flush=True)
+        self.state_shardings = sharding.train_state_shardings(state, self.optimizer,
+                                                              self.policy.trained_shardings(trained), self.mesh)
         self.state = jax.device_put(state, self.state_shardings)
-        self.device_steps = make_steps(self.policy.decoder, self.optimizer, cfg, self.state_shardings)
+        steps = make_steps(self.policy.decoder, self.optimizer, cfg, self.state_shardings)
+        frozen = None if self.policy.lora is None else self.policy.params
+        self.device_steps = Steps(*(functools.partial(fn, frozen=frozen) for fn in steps))
         self.rollout_batch = jax.jit(rollout_batch, static_argnums=3)  # the loss Batch from the rollout's arrays
         self.drop_rows = jax.jit(lambda mask, keep: mask & keep[:, None])
         rows = jax.ShapeDtypeStruct((cfg.data.batch_size * cfg.rollout.group_size,), jnp.float32)
@@ -172,6 +181,8 @@ class Run:
         """
         meta = {"step": step, "data": self.data.state(), "config": to_dict(self.cfg), "history": self.history,
                 "eval_history": self.eval_history, "log_rows": dict(self.logger.rows), "complete": complete}
+        if self.policy.lora is not None:  # the state holds the adapters only: the base they go on
+            meta["lora_base"] = self.cfg.model.path
         self.checkpointer.save(step, self.state, meta, metrics=metrics)
 
     # ------------------------------------------------------------ one step, stage by stage
@@ -182,7 +193,7 @@ class Run:
         dropped = self.data.dropped
         rows = next(self.data)
         samples = self.policy.sample(rows["prompt"], jax.random.fold_in(self.state.rng, step),
-                                     group_size=self.group_size, params=self.state.params)
+                                     group_size=self.group_size, params=self.policy.decoder_params(self.state.params))
         t_rollout = time.perf_counter()
         batch, order = self.loss_batch(samples)
         batch = self.device_steps.reference_and_old_logps(self.state, batch)  # dispatched, runs while we score
@@ -292,7 +303,7 @@ class Run:
             return {}
         stop = (lambda: signals.received is not None) if signals is not None else None  # noqa: E731
         metrics = evaluate_over_processes(self.policy, self.rewards, self.eval_data, self.cfg.run.eval_max_examples,
-                                          params=self.state.params, stop=stop)
+                                          params=self.policy.decoder_params(self.state.params), stop=stop)
         self.eval_history.append({"step": step, **metrics})
         return metrics
 

@@ -211,6 +211,8 @@ def run_train_stage(s: Stage, train: Callable[..., dict]) -> Optional[dict]:
         return None
     params, step = checkpoint_params(s.dir)
     m = s.cfg.model
+    if m.lora_rank:  # the next stage starts from base + adapters, summed
+        params = Policy.load(s.cfg).merged(params)
     model_dir = save_converted(s.dir / "model", params, model_config(m),
                                tokenizer_src=m.tokenizer or model_source(m.path).default_tokenizer())
     before, after = train_evaluations(s.dir, s.cfg.run.steps)

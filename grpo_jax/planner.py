@@ -42,13 +42,21 @@ from flax import nnx
 from grpo_jax import distributed
 from grpo_jax import sharding as shd
 from grpo_jax.config import Config, minibatch_rows, optimizer_updates
-from grpo_jax.models import transformer
+from grpo_jax.models import lora, transformer
 from grpo_jax.models.hf import config_from_hf
 from grpo_jax.models.presets import PRESETS, preset_name
 from grpo_jax.optim import make_optimizer
 from grpo_jax.policy import model_config, model_source
 from grpo_jax.rollout import SamplingParams, _generate_jit, bucket_length
-from grpo_jax.trainer import Batch, completion_logprobs, init_train_state, is_on_policy, make_steps
+from grpo_jax.trainer import (
+    Batch,
+    TrainState,
+    completion_logprobs,
+    init_train_state,
+    is_on_policy,
+    keeps_reference,
+    make_steps,
+)
 
 GiB = 1024 ** 3
 
@@ -169,15 +177,51 @@ def abstract_params(model_config: transformer.TransformerConfig, mesh, rules=shd
     return jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), params, shardings), shardings
 
 
-def abstract_train_state(model_config: transformer.TransformerConfig, cfg: Config, mesh):
-    """(abstract TrainState with shardings, its shardings, the optimizer, param shardings)."""
+class AbstractState(NamedTuple):
+    """A run's device-resident arrays as ShapeDtypeStructs with shardings (nothing allocated)."""
+
+    state: TrainState  # what trains (the whole model, or LoRA adapters) + optimizer state + reference
+    shardings: TrainState
+    optimizer: Any
+    frozen: Any  # LoRA: the frozen base (in model.lora_base_dtype when set), else None
+
+
+def abstract_train_state(model_config: transformer.TransformerConfig, cfg: Config, mesh) -> AbstractState:
+    """The abstract train state of cfg on mesh: full fine-tuning, or (model.lora_rank) adapters on a frozen base."""
+    spec, frozen = lora.LoraSpec.from_config(cfg.model), None
+    if spec is not None and cfg.model.lora_base_dtype:
+        model_config = model_config.replace(param_dtype=cfg.model.lora_base_dtype)
     params, param_shardings = abstract_params(model_config, mesh)
     optimizer = make_optimizer(cfg.optim, optimizer_updates(cfg))
     plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    state = jax.eval_shape(lambda p: init_train_state(p, optimizer, jax.random.PRNGKey(0), cfg.grpo.beta != 0), plain)
+    if spec is not None:
+        plain = jax.eval_shape(functools.partial(lora.init_adapters, spec=spec, dtype=jnp.dtype(cfg.model.param_dtype),
+                                                 key=jax.random.PRNGKey(0)), plain)
+        frozen, param_shardings = params, lora.adapter_shardings(plain, param_shardings)
+    state = jax.eval_shape(lambda p: init_train_state(p, optimizer, jax.random.PRNGKey(0), keeps_reference(cfg)), plain)
     state_shardings = shd.train_state_shardings(state, optimizer, param_shardings, mesh)
     state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), state, state_shardings)
-    return state, state_shardings, optimizer, param_shardings
+    return AbstractState(state, state_shardings, optimizer, frozen)
+
+
+def training_line(cfg: Config, model_config: transformer.TransformerConfig, state: TrainState, frozen) -> str:
+    """What trains: "full fine-tuning ..." or "LoRA rank r on ...: N trainable params (x%) ..."."""
+    trained = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    if frozen is None:
+        return f"full fine-tuning, {trained / 1e6:,.1f}M trainable params in {cfg.model.param_dtype}"
+    spec = lora.LoraSpec.from_config(cfg.model)
+    base = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen))
+    base_dtype = cfg.model.lora_base_dtype or model_config.param_dtype
+    return (f"LoRA rank {spec.rank} (alpha {spec.alpha:g}) on {', '.join(spec.weights)}: {trained / 1e6:,.1f}M "
+            f"trainable params ({100 * trained / base:.2f}% of the base) in {cfg.model.param_dtype}, base frozen in "
+            f"{base_dtype}, the reference = the base")
+
+
+def decoder_params(abstract: AbstractState, cfg: Config):
+    """What the rollout's decoder reads: the params, or the frozen base with the adapters."""
+    if abstract.frozen is None:
+        return abstract.state.params
+    return lora.combine(abstract.frozen, abstract.state.params, lora.LoraSpec.from_config(cfg.model))
 
 
 def prompt_width(cfg: Config) -> int:
@@ -267,6 +311,24 @@ def planned_attention(model_config: transformer.TransformerConfig, platform: str
     return model_config
 
 
+def planned_dtypes(model_config: transformer.TransformerConfig, cfg: Config, platform: str,
+                   target_kind: Optional[str]) -> tuple[transformer.TransformerConfig, Config]:
+    """The dtypes to compile with. Planned on CPU for a TPU / GPU target, bfloat16 (params, compute, a LoRA
+    base) compiles as float16: the same bytes, but XLA:CPU has no bfloat16 dot and gives every one float32
+    operands, weights included, which it then hoists out of the decode loop as a float32 copy of the model
+    that no accelerator makes (BENCHMARKS.md, "LoRA"). For a CPU target the dtypes are what a CPU run uses."""
+    on_accelerator = target_kind is None or device_kind_key(target_kind) != "cpu"
+    if platform != "cpu" or not on_accelerator:
+        return model_config, cfg
+    stand_in = lambda name: "float16" if name == "bfloat16" else name  # noqa: E731
+    model_config = model_config.replace(param_dtype=stand_in(model_config.param_dtype),
+                                        compute_dtype=stand_in(model_config.compute_dtype))
+    m = cfg.model
+    model = dataclasses.replace(m, param_dtype=stand_in(m.param_dtype), compute_dtype=stand_in(m.compute_dtype),
+                                lora_base_dtype=m.lora_base_dtype and stand_in(m.lora_base_dtype))
+    return model_config, dataclasses.replace(cfg, model=model)
+
+
 def with_completion_length(cfg: Config, length: int) -> Config:
     """cfg with rollout.max_completion_length = length (for `plan --completion-lengths` sweeps)."""
     return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_completion_length=length))
@@ -291,8 +353,9 @@ class _Abstract:
     """The abstract train state of a plan, built once and shared by every program compiled for it."""
     def __init__(self, model_config: transformer.TransformerConfig, cfg: Config, mesh):
         self.model_config, self.cfg, self.mesh = model_config, cfg, mesh
-        self.state, self.state_shardings, self.optimizer, _ = abstract_train_state(model_config, cfg, mesh)
-        self.resident = bytes_per_device(self.state)
+        self.abstract = abstract_train_state(model_config, cfg, mesh)
+        self.state, self.state_shardings, self.optimizer, self.frozen = self.abstract
+        self.resident = bytes_per_device(self.state) + bytes_per_device(self.frozen)
 
     def step_programs(self, cfg: Config, which=("logps", "update")) -> dict:
         """Compiled stats of the log-prob and update programs of cfg (its micro-batch size)."""
@@ -302,11 +365,12 @@ class _Abstract:
         out = {}
         if "logps" in which and (with_ref or with_old):
             batch = abstract_batch(cfg, self.mesh, rows, False, False)
-            out["logps"] = _with_peak(compile_stats(steps.reference_and_old_logps, self.state, batch), self.resident,
-                                      bytes_per_device(batch))
+            out["logps"] = _with_peak(compile_stats(steps.reference_and_old_logps, self.state, batch, self.frozen),
+                                      self.resident, bytes_per_device(batch))
         if "update" in which:
             mb = abstract_batch(cfg, self.mesh, minibatch_rows(cfg), with_old, with_ref)
-            out["update"] = _with_peak(compile_stats(steps.update, self.state, mb), self.resident, bytes_per_device(mb))
+            out["update"] = _with_peak(compile_stats(steps.update, self.state, mb, self.frozen), self.resident,
+                                       bytes_per_device(mb))
         return out
 
 
@@ -400,6 +464,8 @@ def plan(cfg: Config, model_config: transformer.TransformerConfig, mesh, *, prog
     """
     platform = mesh.devices.flat[0].platform
     model_config = planned_attention(model_config, platform, device_kind)
+    asked, asked_cfg = model_config, cfg  # the report names the dtypes the run uses
+    model_config, cfg = planned_dtypes(model_config, cfg, platform, device_kind)
     abstract = _Abstract(model_config, cfg, mesh)
     state, resident = abstract.state, abstract.resident
     B, G = cfg.data.batch_size, cfg.rollout.group_size
@@ -408,14 +474,17 @@ def plan(cfg: Config, model_config: transformer.TransformerConfig, mesh, *, prog
     params_b = bytes_per_device(state.params)
     opt_b = bytes_per_device(state.opt_state)
     ref_b = bytes_per_device(state.ref_params) if state.ref_params is not None else 0
+    frozen = abstract.frozen
     kv_total, kv_dev = kv_cache_bytes(model_config, rows, P + N, mesh)
     minibatch = minibatch_rows(cfg)
     report: dict[str, Any] = {
-        "model": {"num_params": model_config.num_params(), "param_dtype": model_config.param_dtype,
-                  "compute_dtype": model_config.compute_dtype, "remat": model_config.remat_policy,
+        "model": {"num_params": model_config.num_params(), "param_dtype": asked.param_dtype,
+                  "compute_dtype": asked.compute_dtype, "remat": model_config.remat_policy,
                   "attention": model_config.attention_impl,
                   "layers": model_config.num_layers, "hidden": model_config.hidden_size,
                   "vocab": model_config.vocab_size},
+        "training": training_line(asked_cfg, asked, state, frozen),
+        "dtype_stand_in": asked != model_config,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "devices": int(mesh.devices.size),
         "platform": platform,
@@ -423,17 +492,18 @@ def plan(cfg: Config, model_config: transformer.TransformerConfig, mesh, *, prog
                   "minibatch_rows": minibatch},
         "per_device_bytes": {
             "params": params_b, "optimizer_state": opt_b, "grads (in update temp)": params_b,
-            "reference_params": ref_b, "kv_cache (in rollout temp)": kv_dev, "resident_state": resident,
+            "reference_params": ref_b, **({} if frozen is None else {"frozen_base": bytes_per_device(frozen)}),
+            "kv_cache (in rollout temp)": kv_dev, "resident_state": resident,
         },
         "total_bytes": {"params": total_bytes(state.params), "optimizer_state": total_bytes(state.opt_state),
                         "reference_params": total_bytes(state.ref_params) if state.ref_params is not None else 0,
-                        "kv_cache": kv_total},
+                        **({} if frozen is None else {"frozen_base": total_bytes(frozen)}), "kv_cache": kv_total},
         "programs": {},
     }
     progs = report["programs"]
     if "rollout" in programs:
         progress("compiling the rollout")
-        jitted, args = _rollout_program(model_config, cfg, state.params, mesh)
+        jitted, args = _rollout_program(model_config, cfg, decoder_params(abstract.abstract, cfg), mesh)
         progs["rollout"] = _with_peak(compile_stats(jitted, *args), resident, bytes_per_device(args[1:]))
     step_programs = tuple(p for p in programs if p in ("logps", "update"))
     auto = cfg.grpo.micro_batch_size == "auto"
@@ -458,7 +528,8 @@ def plan(cfg: Config, model_config: transformer.TransformerConfig, mesh, *, prog
         progs.update({name: known[name] for name in step_programs if name in known})
     if compare_logprobs:
         progress("compiling log-prob variants")
-        report["logprob_variants"] = compare_logprob_variants(model_config, cfg, mesh, state.params)
+        report["logprob_variants"] = compare_logprob_variants(model_config, cfg, mesh,
+                                                              decoder_params(abstract.abstract, cfg))
     peak = max([resident] + [p["peak"] for p in progs.values()])
     report["peak_bytes"] = peak
     report["device_kind"] = device_kind
@@ -559,6 +630,7 @@ def format_report(r: dict) -> str:
         f"model: {r.get('model_source', '')}  {m['num_params'] / 1e9:.3f}B params, {m['layers']} layers, "
         f"hidden {m['hidden']}, vocab {m['vocab']}, param {m['param_dtype']}, compute {m['compute_dtype']}, "
         f"remat {m['remat']}, attention {m['attention']}",
+        f"training: {r['training']}",
         f"mesh: {mesh} over {r['devices']} {r['platform']} devices",
         f"batch: {b['prompts']} prompts x G={b['group_size']} = {b['rows']} rows of {b['prompt_tokens']} prompt + "
         f"{b['completion_tokens']} completion tokens (update minibatch {b['minibatch_rows']} rows, "
@@ -591,6 +663,9 @@ def format_report(r: dict) -> str:
     if r.get("verdict_line"):
         kind = f" ({r['device_kind']})" if r.get("device_kind") else ""
         lines.append(f"verdict{kind}: {r['verdict_line']}")
+    if r.get("dtype_stand_in"):
+        lines.append("note: bfloat16 compiled as float16 on this CPU (same bytes: XLA:CPU would give each bfloat16 "
+                     "dot float32 copies of its operands, weights included, that a TPU / GPU never makes)")
     if r["platform"] == "cpu" and r["programs"]:
         lines.append("note: temp bytes come from the CPU compiler; TPU / GPU fuse differently (run `plan` on the "
                      "accelerator for its own numbers). Resident bytes are exact.")

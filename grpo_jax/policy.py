@@ -15,6 +15,7 @@ rows back; the arrays in between are global, on one mesh.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
@@ -28,7 +29,7 @@ from grpo_jax import distributed, sharding
 from grpo_jax.config import Config, ConfigError, ModelConfig
 from grpo_jax.data import PromptFormatter
 from grpo_jax.data.prompts import EncodedPrompts, pad_prompts_left
-from grpo_jax.models import transformer
+from grpo_jax.models import lora, transformer
 from grpo_jax.models.hf import (
     config_from_hf,
     load_converted,
@@ -37,6 +38,7 @@ from grpo_jax.models.hf import (
     read_hf_config,
     resolve_model_dir,
 )
+from grpo_jax.models.peft import load_peft
 from grpo_jax.rollout import Rollout, SamplingParams, bucket_length, generate_rows, row_keys
 
 # ---------------------------------------------------------------- where the model comes from
@@ -131,6 +133,7 @@ class Policy:
     tokenizer: Any
     formatter: PromptFormatter
     sampling: SamplingParams  # the config's rollout section, with the tokenizer's stop and pad ids
+    lora: Optional[lora.LoraSpec] = None  # model.lora_rank > 0: `params` are the frozen base of the adapters
 
     @classmethod
     def load(cls, cfg: Config, mesh: Optional[jax.sharding.Mesh] = None) -> "Policy":
@@ -139,11 +142,13 @@ class Policy:
         mesh = distributed.setup_mesh(cfg.mesh) if mesh is None else mesh
         m, source = cfg.model, model_source(cfg.model.path)
         shardings = lambda config, abstract: transformer.param_shardings(abstract, mesh, sharding.DEFAULT_RULES)  # noqa: E731
+        overrides = m.decoder_overrides()
+        if m.lora_rank and m.lora_base_dtype:  # the frozen base in its own dtype; the adapters keep param_dtype
+            overrides["param_dtype"] = m.lora_base_dtype
         if source.kind == "converted":
             model, config = load_converted(source.path, shardings=shardings)
-            config = config.replace(**m.decoder_overrides())
+            config = config.replace(**overrides)
         else:
-            overrides = m.decoder_overrides()
             model, config = load_hf(source.path, dtype=overrides.pop("param_dtype"), shardings=shardings,
                                     **overrides)
         tokenizer = load_tokenizer(m.tokenizer or source.default_tokenizer(), config)
@@ -152,10 +157,52 @@ class Policy:
             raise ConfigError(f"rollout.stop_token_ids: {beyond[0]} is beyond the model's vocabulary "
                               f"({config.vocab_size} tokens: ids 0..{config.vocab_size - 1})")
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        params = jax.tree.map(lambda x: x.astype(config.param_jnp_dtype), params)  # a converted one keeps its own
         formatter = PromptFormatter.from_config(cfg.data, tokenizer)
         sampling = SamplingParams.from_config(cfg.rollout, stop_token_ids(tokenizer), formatter.pad_id)
         return cls(cfg, mesh, transformer.Decoder(config), params, jax.tree.map(lambda x: x.sharding, params),
-                   tokenizer, formatter, sampling)
+                   tokenizer, formatter, sampling, lora.LoraSpec.from_config(m))
+
+    # ------------------------------------------------------------ trained params (full, or LoRA adapters)
+
+    def initial_adapters(self, key: jax.Array) -> Any:
+        """The adapters a LoRA run starts from, on the mesh: model.lora_init_from's (a PEFT folder) or fresh."""
+        m, dtype = self.cfg.model, jnp.dtype(self.cfg.model.param_dtype)
+        if m.lora_init_from:
+            loaded = load_peft(m.lora_init_from, self.config)
+            mine = (self.lora.rank, self.lora.alpha, self.lora.weights)
+            if (loaded.rank, loaded.alpha, loaded.weights) != mine:
+                raise ConfigError(f"model.lora_init_from={m.lora_init_from}: its adapters have rank {loaded.rank}, "
+                                  f"alpha {loaded.alpha:g} on {', '.join(loaded.weights)}; the config asks for rank "
+                                  f"{mine[0]}, alpha {mine[1]:g} on {', '.join(mine[2])} (set model.lora_rank, "
+                                  "lora_alpha and lora_targets to match)")
+        fresh = functools.partial(lora.init_adapters, spec=self.lora, dtype=dtype)
+        shardings = self.trained_shardings(jax.eval_shape(fresh, self.params, key=key))
+        if not m.lora_init_from:
+            return jax.jit(fresh, out_shardings=shardings)(self.params, key=key)
+        # every process holds the whole file: each places its own shards
+        return jax.tree.map(lambda x, where: jax.make_array_from_callback(x.shape, where, lambda i: x[i]),
+                            jax.tree.map(lambda x: x.astype(dtype), loaded.adapters), shardings)
+
+    def trained_shardings(self, trained: Any) -> Any:
+        """Where a run's trained params live: the model's shardings, or its adapters' (`lora.adapter_shardings`)."""
+        return self.param_shardings if self.lora is None else lora.adapter_shardings(trained, self.param_shardings)
+
+    def decoder_params(self, trained: Any) -> Any:
+        """What the decoder reads for a run's trained params: themselves, or the base with the adapters
+        (`lora.combine`: nothing merged, nothing copied)."""
+        return trained if self.lora is None else lora.combine(self.params, trained, self.lora)
+
+    def use_trained(self, trained: Any) -> None:
+        """Sample with a checkpoint's trained params from now on (`checkpoint.checkpoint_params`)."""
+        self.params = self.decoder_params(jax.device_put(trained, self.trained_shardings(trained)))
+
+    def merged(self, trained: Any) -> Any:
+        """A run's trained params as one plain param dict: themselves, or base + adapters summed (export)."""
+        if self.lora is None:
+            return trained
+        return jax.jit(lora.merge, static_argnums=2)(self.params, jax.device_put(trained, self.trained_shardings(
+            trained)), self.lora)
 
     @property
     def config(self) -> transformer.TransformerConfig:

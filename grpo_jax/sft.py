@@ -4,13 +4,16 @@ Same model loading, prompts, data, mesh, metrics and checkpoint format as GRPO;
 the loss is the mean negative log-likelihood of the completion tokens only
 (prompt tokens are context). The result is written as a converted checkpoint
 (`python -m launch convert` format) that `model.path` of a GRPO run can point to.
+With model.lora_rank > 0 it trains adapters on the frozen base and writes base + adapters summed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,7 @@ from grpo_jax.config import Config, save_config
 from grpo_jax.data import batches, load_dataset
 from grpo_jax.data.prompts import pad_prompts_left
 from grpo_jax.metrics import MetricsLogger
+from grpo_jax.models import lora
 from grpo_jax.models.hf import save_converted
 from grpo_jax.optim import make_optimizer
 from grpo_jax.policy import Policy
@@ -60,17 +64,24 @@ def pad_right(seqs: list[list[int]], width: int, pad: int) -> tuple[np.ndarray, 
     return ids, mask
 
 
-def make_sft_step(model, optimizer, state_shardings):
-    """The jitted SFT step: mean token NLL of the completions (model: a `transformer.Decoder`)."""
-    def loss_fn(params, batch: Batch):
+def make_sft_step(model, optimizer, state_shardings, spec: Optional[lora.LoraSpec] = None):
+    """The jitted SFT step: mean token NLL of the completions (model: a `transformer.Decoder`).
+    spec (LoRA): the state trains adapters, on the base passed as `frozen=`."""
+    def loss_fn(params, batch: Batch, frozen, dropout_key):
+        if spec is not None:
+            params = lora.combine(frozen, params, spec, dropout_key)
         logp = completion_logprobs(model, params, batch, 1.0)
         mask = batch.completion_mask
         nll = -jnp.sum(jnp.where(mask, logp, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
         correct = jnp.sum(jnp.where(mask, logp > jnp.log(0.5), False)) / jnp.maximum(jnp.sum(mask), 1)
         return nll, {"sft/loss": nll, "sft/token_accuracy": correct}
 
-    def step(state, batch: Batch):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    def step(state, batch: Batch, frozen=None):
+        dropout_key = None
+        if spec is not None and spec.dropout > 0:
+            rng, dropout_key = jax.random.split(state.rng)
+            state = state.replace(rng=rng)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, frozen, dropout_key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["sft/grad_norm"] = optax.tree.norm(grads)
@@ -88,10 +99,13 @@ def run_sft(cfg: Config, out_dir: str | Path | None = None) -> Path:
     s = cfg.sft
     optimizer = make_optimizer(dataclasses.replace(cfg.optim, learning_rate=s.learning_rate, schedule="cosine",
                                                    warmup_steps=s.warmup_steps), max(s.steps, 1))
-    state = init_train_state(policy.params, optimizer, jax.random.PRNGKey(cfg.run.seed), keep_reference=False)
-    shardings = sharding.train_state_shardings(state, optimizer, policy.param_shardings, mesh)
+    rng = jax.random.PRNGKey(cfg.run.seed)
+    trained = policy.params if policy.lora is None else policy.initial_adapters(jax.random.fold_in(rng, 1))
+    state = init_train_state(trained, optimizer, rng, keep_reference=False)
+    shardings = sharding.train_state_shardings(state, optimizer, policy.trained_shardings(trained), mesh)
     state = jax.device_put(state, shardings)
-    step_fn = make_sft_step(policy.decoder, optimizer, shardings)
+    step_fn = functools.partial(make_sft_step(policy.decoder, optimizer, shardings, policy.lora),
+                                frozen=None if policy.lora is None else policy.params)
     data = batches(load_dataset(cfg.data, cfg.data.split, cfg.run.seed), s.batch_size, cfg.run.seed,
                    shuffle=cfg.data.shuffle, repeat=True, process_index=jax.process_index(),
                    process_count=jax.process_count())
@@ -119,6 +133,7 @@ def run_sft(cfg: Config, out_dir: str | Path | None = None) -> Path:
     model_dir = out_dir / "model"
     tokenizer_dir = out_dir / "tokenizer_src"
     policy.tokenizer.save_pretrained(str(tokenizer_dir))
-    save_converted(model_dir, jax.device_get(state.params), policy.config, tokenizer_src=tokenizer_dir)
+    # LoRA: base + adapters summed, so the next stage (or `launch train`) starts from the fine-tuned model
+    save_converted(model_dir, jax.device_get(policy.merged(state.params)), policy.config, tokenizer_src=tokenizer_dir)
     print(f"SFT model written to {model_dir}", flush=True)
     return model_dir

@@ -28,18 +28,27 @@ import optax
 
 from grpo_jax import distributed, sharding
 from grpo_jax.config import Config
+from grpo_jax.models import lora
 from grpo_jax.models.transformer import positions_from_mask, shard_activations
 from grpo_jax.objective import StepTotals, policy_loss, token_logprobs
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Everything that changes during training (and is checkpointed)."""
+    """Everything that changes during training (and is checkpointed). Under LoRA (model.lora_rank) `params`
+    are the adapters alone: the frozen base is passed to the steps beside the state (`frozen=`), never
+    donated nor checkpointed, and it is the reference policy."""
 
     step: jax.Array  # int32: GRPO steps done
     params: Any
     opt_state: Any
     rng: jax.Array
-    ref_params: Any = None  # frozen reference policy; None when beta = 0
+    ref_params: Any = None  # frozen reference policy; None when beta = 0 or under LoRA (`keeps_reference`)
+
+
+def keeps_reference(cfg: Config) -> bool:
+    """Whether the train state holds a copy of the weights as the reference: beta != 0 without LoRA
+    (whose reference is the frozen base, at no cost)."""
+    return cfg.grpo.beta != 0 and not cfg.model.lora_rank
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
@@ -209,10 +218,10 @@ def join_micro_batches(x: jax.Array) -> jax.Array:
 
 
 class Steps(NamedTuple):
-    """The jitted device functions of a GRPO step (`make_steps`)."""
+    """The jitted device functions of a GRPO step (`make_steps`). Under LoRA both take the frozen base as `frozen=`."""
 
-    reference_and_old_logps: Callable  # (state, batch) -> batch with ref_logp / old_logp filled in
-    update: Callable  # (state, minibatch) -> (state, metrics): one optimizer update
+    reference_and_old_logps: Callable  # (state, batch, frozen=None) -> batch with ref_logp / old_logp filled in
+    update: Callable  # (state, minibatch, frozen=None) -> (state, metrics): one optimizer update
 
 
 def make_steps(model, optimizer: optax.GradientTransformation, cfg: Config, state_shardings=None) -> Steps:
@@ -225,13 +234,25 @@ def make_steps(model, optimizer: optax.GradientTransformation, cfg: Config, stat
     Their mesh also pins the model's activations to rows split over data x fsdp
     (`shard_activations`), so under fsdp each device computes only its rows.
     The state is donated: its buffers are reused for the new one.
+    Under LoRA (model.lora_rank > 0) the state's params are the adapters and each call takes the frozen
+    base as `frozen=`: the decoder reads `lora.combine(frozen, adapters)`, gradients reach the adapters
+    only, and the reference log-probs are the base's.
     """
     temperature = cfg.rollout.temperature or 1.0
     grpo = cfg.grpo
+    spec = lora.LoraSpec.from_config(cfg.model)
     mesh = _mesh_of(state_shardings)
     pin_rows = functools.partial(sharding.pin_rows, mesh=mesh)  # a micro-batch keeps its rows split over the mesh
     blocks = 1 if mesh is None else sharding.data_parallel_size(mesh)  # row blocks over devices (packed gathers)
     logprobs = functools.partial(completion_logprobs, as_trainable(model), temperature=temperature, blocks=blocks)
+
+    def model_params(params, frozen, dropout_key=None):
+        """The decoder's params: the trained ones, or the frozen base with the trained adapters."""
+        if spec is None:
+            return params
+        if frozen is None:
+            raise ValueError("model.lora_rank > 0: the steps need the frozen base weights (frozen=)")
+        return lora.combine(frozen, params, spec, dropout_key)
 
     def logprobs_in_pieces(params, batch: Batch) -> jax.Array:
         count = micro_batch_count(cfg, batch.advantages.shape[0])
@@ -241,51 +262,59 @@ def make_steps(model, optimizer: optax.GradientTransformation, cfg: Config, stat
         return join_micro_batches(pieces)
 
     @jax.jit
-    def reference_and_old_logps(state: TrainState, batch: Batch) -> Batch:
+    def reference_and_old_logps(state: TrainState, batch: Batch, frozen=None) -> Batch:
         ref = old = None
         with shard_activations(mesh):
             if grpo.beta != 0:
-                ref = logprobs_in_pieces(state.ref_params, batch)
+                ref = logprobs_in_pieces(state.ref_params if spec is None else frozen, batch)
             if not is_on_policy(cfg):
-                old = logprobs_in_pieces(state.params, batch)
+                old = logprobs_in_pieces(model_params(state.params, frozen), batch)
         return batch._replace(old_logp=old, ref_logp=ref)
 
-    def loss_fn(params, batch: Batch, totals: StepTotals):
+    def loss_fn(params, batch: Batch, totals: StepTotals, frozen, dropout_key):
         # Each minibatch is one optimizer update, so "dapo" normalises by this minibatch's tokens
         # (TRL: the tokens of one optimizer step's gradient-accumulation window), over all its micro-batches.
         # the entropy comes out of the same chunks as the log-probs (no [R, T, V] array), for the logs only
         with shard_activations(mesh):
-            logp, entropy = logprobs(params, batch, return_entropy=True)
+            logp, entropy = logprobs(model_params(params, frozen, dropout_key), batch, return_entropy=True)
         return policy_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.completion_mask, grpo,
                            max_completion_length=cfg.rollout.max_completion_length, totals=totals,
                            entropy=entropy)
 
-    def loss_metrics_grads(params, batch: Batch, totals: StepTotals):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, totals)
+    def loss_metrics_grads(params, batch: Batch, totals: StepTotals, frozen, dropout_key):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, totals, frozen, dropout_key)
         return loss, metrics, grads
 
-    def accumulated_grads(params, minibatch: Batch):
+    def accumulated_grads(params, minibatch: Batch, frozen, dropout_key):
         """(loss, metrics, grads) of one optimizer update, summed over its micro-batches in float32."""
         rows = minibatch.advantages.shape[0]
         totals = StepTotals(sequences=rows, tokens=jnp.sum(minibatch.completion_mask.astype(jnp.float32)))
         count = micro_batch_count(cfg, rows)
         if count == 1:
-            return loss_metrics_grads(params, minibatch, totals)
+            return loss_metrics_grads(params, minibatch, totals, frozen, dropout_key)
         micro = split_micro_batches(minibatch, count)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, count)  # a fresh mask per micro-batch
 
-        def add(acc, micro_batch):
-            value = loss_metrics_grads(params, pin_rows(micro_batch), totals)
+        def add(acc, piece):
+            micro_batch, key = piece
+            value = loss_metrics_grads(params, pin_rows(micro_batch), totals, frozen, key)
             return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, value), None
 
-        shapes = jax.eval_shape(loss_metrics_grads, params, jax.tree.map(lambda x: x[0], micro), totals)
+        first_key = None if keys is None else keys[0]
+        shapes = jax.eval_shape(loss_metrics_grads, params, jax.tree.map(lambda x: x[0], micro), totals, frozen,
+                                first_key)
         loss, metrics, grads = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
         if state_shardings is not None:  # the float32 sum lives where its params live
             grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
-        (loss, metrics, grads), _ = jax.lax.scan(add, (loss, metrics, grads), micro)
+        (loss, metrics, grads), _ = jax.lax.scan(add, (loss, metrics, grads), (micro, keys))
         return loss, metrics, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
-    def update_step(state: TrainState, minibatch: Batch):
-        loss, metrics, grads = accumulated_grads(state.params, minibatch)
+    def update_step(state: TrainState, minibatch: Batch, frozen=None):
+        dropout_key = None
+        if spec is not None and spec.dropout > 0:  # the run's key moves on each update: masks resume exactly
+            rng, dropout_key = jax.random.split(state.rng)
+            state = state.replace(rng=rng)
+        loss, metrics, grads = accumulated_grads(state.params, minibatch, frozen, dropout_key)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -318,10 +347,12 @@ def sync_reference(state: TrainState, alpha: float) -> TrainState:
 
 
 def train_flops(config, rows: int, seq_len: int, cfg: Config) -> float:
-    """Model FLOPs of one GRPO update phase: forward+backward per pass, plus the no-grad forwards."""
+    """Model FLOPs of one GRPO update phase: forward+backward per pass, plus the no-grad forwards
+    (the adapters' own FLOPs left out: rank / hidden of the whole)."""
     forward = config.forward_flops_per_token(seq_len) * rows * seq_len
     extra = (cfg.grpo.beta != 0) + (not is_on_policy(cfg))
-    return forward * (3 * cfg.grpo.num_iterations + extra)
+    passes = 2 if cfg.model.lora_rank else 3  # LoRA's backward pass skips the weights' gradients
+    return forward * (passes * cfg.grpo.num_iterations + extra)
 
 
 def minibatch_order(seed: int, step: int, iteration: int, rows: int) -> np.ndarray:

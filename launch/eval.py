@@ -27,8 +27,6 @@ def add_arguments(parser):
 
 
 def main(args) -> int:
-    import jax
-
     from grpo_jax.checkpoint import checkpoint_params
     from grpo_jax.data import load_dataset
     from grpo_jax.evaluate import evaluate
@@ -46,7 +44,7 @@ def main(args) -> int:
         source = cfg.model.path
         if args.run:
             params, step = checkpoint_params(args.run, args.step, args.best)
-            policy.params = jax.device_put(params, policy.param_shardings)
+            policy.use_trained(params)  # the whole model, or LoRA adapters over the base
             source = f"{args.run} step {step}"
         dataset = load_dataset(cfg.data, split, cfg.run.seed)
         metrics = evaluate(policy, rewards, dataset, args.max_examples or cfg.run.eval_max_examples, k=args.k,

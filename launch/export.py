@@ -1,17 +1,22 @@
 """Export a trained policy or a converted checkpoint as a Hugging Face model folder.
 
   python -m launch export --run RUN_DIR [--step N | --best] --out HFDIR [--dtype bfloat16]
+  python -m launch export --run LORA_RUN_DIR [--lora-format peft | --merge] --out DIR
   python -m launch export --checkpoint DIR --out HFDIR [--dtype bfloat16] [--max-shard-size 2GB]
 
 RUN_DIR is a training run's output dir (its newest checkpoint, a given step, or the
 best by checkpoint.keep_best_metric); DIR is a folder written by `python -m launch
 convert` (params/, model_config.json, tokenizer/). HFDIR loads with
-transformers.AutoModelForCausalLM / AutoTokenizer.
+transformers.AutoModelForCausalLM / AutoTokenizer. A LoRA run (model.lora_rank > 0)
+writes its adapters as a PEFT folder (the default, `--lora-format peft`: loads with
+peft.PeftModel.from_pretrained onto the base), or with `--merge` base + adapters summed
+as a whole HF folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 
@@ -25,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="stored dtype (default: the params' dtype)")
     parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    parser.add_argument("--lora-format", choices=["peft", "merged"], default=None,
+                        help="a LoRA run: its adapters as a PEFT folder (default), or merged into a whole HF folder")
+    parser.add_argument("--merge", action="store_true", help="a LoRA run: write base + adapters merged (= "
+                        "--lora-format merged)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -42,17 +51,33 @@ def main(args: argparse.Namespace) -> int:
 
 
 def export_run(args: argparse.Namespace) -> int:
+    import jax
+
     from grpo_jax.checkpoint import checkpoint_params
-    from grpo_jax.config import load_config
+    from grpo_jax.config import MeshConfig, load_config
     from grpo_jax.models.hf import export_hf
-    from grpo_jax.policy import model_config, model_source
+    from grpo_jax.models.lora import LoraSpec
+    from grpo_jax.models.peft import save_peft
+    from grpo_jax.policy import Policy, model_config, model_source
 
     run = Path(args.run)
     if not (run / "config.yaml").exists():
         raise ValueError(f"{run} has no config.yaml: not a training run directory")
     cfg = load_config(run / "config.yaml")
+    fmt = "merged" if args.merge else args.lora_format
+    if fmt is not None and not cfg.model.lora_rank:
+        raise ValueError(f"--lora-format / --merge: {run} trained the whole model (model.lora_rank=0), not LoRA "
+                         "adapters; export it without them")
     params, step = checkpoint_params(run, args.step, args.best)
     tokenizer = cfg.model.tokenizer or model_source(cfg.model.path).default_tokenizer()
+    if cfg.model.lora_rank and fmt != "merged":
+        out = save_peft(args.out, params, LoraSpec.from_config(cfg.model), model_config(cfg.model),
+                        base_model=cfg.model.path)
+        print(f"wrote PEFT adapter folder {out} from {run} step {step} (base: {cfg.model.path})")
+        return 0
+    if cfg.model.lora_rank:
+        # the base on this machine's devices (the run's mesh may span hosts), plus the adapters
+        params = jax.device_get(Policy.load(dataclasses.replace(cfg, mesh=MeshConfig())).merged(params))
     out = export_hf(params, model_config(cfg.model), args.out, tokenizer=tokenizer, max_shard_size=args.max_shard_size,
                     dtype=args.dtype)
     print(f"wrote Hugging Face folder {out} from {run} step {step}")

@@ -53,6 +53,28 @@ FAMILIES = {
 }
 
 
+def family_config(family: str, **overrides):
+    """Our decoder config of a family's tiny HF config (FAMILIES)."""
+    import transformers
+
+    from grpo_jax.models.hf import config_from_hf
+
+    config_cls, _, kwargs = FAMILIES[family]
+    hf = getattr(transformers, config_cls)(vocab_size=VOCAB, **kwargs).to_dict()
+    return config_from_hf(hf, **overrides)
+
+
+def random_params(config, seed=0):
+    """Random params of our decoder, scaled up (x3, plus noise in norms and biases) so mistakes show."""
+    from flax import nnx
+
+    from grpo_jax.models import Transformer
+
+    params = nnx.to_pure_dict(nnx.state(Transformer(config, rngs=nnx.Rngs(seed)), nnx.Param))
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), len(jax.tree.leaves(params))))
+    return jax.tree.map(lambda x: x * 3.0 + 0.1 * jax.random.normal(next(keys), x.shape), params)
+
+
 def make_hf_model(family: str, folder, seed: int = 0, std: float = 0.15, **overrides):
     """Build, randomise and save a tiny transformers model; returns (folder, torch model in eval mode)."""
     import torch

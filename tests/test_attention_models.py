@@ -13,25 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
-from model_fixtures import FAMILIES, VOCAB, greedy_decode, left_padded_batch
+from model_fixtures import FAMILIES, family_config, greedy_decode, left_padded_batch, random_params
 
 from grpo_jax.models import Transformer, transformer
-from grpo_jax.models.hf import config_from_hf
-
-
-def family_config(family: str, **overrides) -> transformer.TransformerConfig:
-    config_cls, _, kwargs = FAMILIES[family]
-    hf = getattr(transformers, config_cls)(vocab_size=VOCAB, **kwargs).to_dict()
-    return config_from_hf(hf, **overrides)
-
-
-def random_params(config, seed=0):
-    from flax import nnx
-
-    params = nnx.to_pure_dict(nnx.state(Transformer(config, rngs=nnx.Rngs(seed)), nnx.Param))
-    keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), len(jax.tree.leaves(params))))
-    return jax.tree.map(lambda x: x * 3.0 + 0.1 * jax.random.normal(next(keys), x.shape), params)
 
 
 def logits_and_grads(config, params, tokens, mask, mesh=None):

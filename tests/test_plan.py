@@ -62,6 +62,23 @@ def test_plan_on_fake_devices_shrinks_with_fsdp(tiny_model):
     assert r8["programs"]["update"]["argument"] >= d8["resident_state"]
 
 
+def test_plan_counts_lora_base_adapters_and_no_reference(tiny_model):
+    """LoRA (beta > 0 in the defaults): a bfloat16 frozen base, float32 adapters + Adam, no reference copy;
+    planned for a v5e, bfloat16 compiles as float16 (the note says so), the report names bfloat16."""
+    full = json.loads(run_plan("--model.path", str(tiny_model), "--mesh.fsdp=8", *TINY_RUN, "--json").stdout)
+    p = run_plan("--model.path", str(tiny_model), "--mesh.fsdp=8", *TINY_RUN, "--model.lora_rank=4",
+                 "--model.lora_base_dtype=bfloat16", "--model.compute_dtype=bfloat16", "--json")
+    lora = json.loads(p.stdout)
+    d, f = lora["per_device_bytes"], full["per_device_bytes"]
+    assert d["reference_params"] == 0 and f["reference_params"] > 0 and "frozen_base" not in f
+    assert 0 < d["params"] < f["params"] / 2 and 0 <= d["optimizer_state"] - 2 * d["params"] < 64
+    assert lora["total_bytes"]["frozen_base"] == full["total_bytes"]["params"] // 2  # bfloat16, every weight
+    assert d["resident_state"] < f["resident_state"] / 2
+    assert lora["training"].startswith("LoRA rank 4 (alpha 8)") and "frozen in bfloat16" in lora["training"]
+    assert lora["dtype_stand_in"] and not full["dtype_stand_in"] and lora["model"]["compute_dtype"] == "bfloat16"
+    assert set(lora["programs"]) == {"rollout", "logps", "update"}
+
+
 def test_plan_table_output(tiny_model):
     p = run_plan("--model.path", str(tiny_model), "--mesh.fsdp=4", *TINY_RUN, "--grpo.beta=0",
                  "--programs=update", "--device-memory-gib=0.001")

@@ -23,10 +23,15 @@ def wait_for_checkpoint(run_dir, step, proc):
     wait_for(lambda: os.path.isdir(os.path.join(run_dir, "checkpoints", str(step))), proc, f"checkpoint {step}")
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tiny_model, tmp_path):
-    """With gradient accumulation (4 micro-batches of 8 rows) and packed sequences, as long-trace runs use."""
+@pytest.mark.parametrize("training", ["full", "lora"])
+def test_sigkill_then_resume_is_bitwise_identical(tiny_model, tmp_path, training):
+    """With gradient accumulation (4 micro-batches of 8 rows) and packed sequences, as long-trace runs use;
+    LoRA with adapter dropout (masks drawn from the checkpointed key) on a bfloat16 base."""
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     extra = ("--grpo.micro_batch_size=8", "--grpo.pack_sequences=true")
+    if training == "lora":
+        extra += ("--model.lora_rank=4", "--model.lora_dropout=0.1", "--model.lora_base_dtype=bfloat16",
+                  "--optim.learning_rate=0.1")
     out = subprocess.run(train_cmd(tiny_model, straight, 6, *extra), env=env(), cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -98,8 +98,8 @@ def test_one_grpo_step_is_the_same_on_every_mesh(tiny_model, tmp_path, monkeypat
 PROCESS_MESH = (2, 2, 2)  # over 2 processes x 4 devices: each process holds a (data, fsdp) half of the rows
 
 
-def _worker(process_id: int, port: int, model_dir: str, run_dir: str, steps: int) -> None:
-    """One process of a 2-process `train(cfg)` run (this file run as a script)."""
+def _worker(process_id: int, port: int, model_dir: str, run_dir: str, steps: int, *extra: str) -> None:
+    """One process of a 2-process `train(cfg)` run (this file run as a script); extra: more config flags."""
     sys.path.insert(0, ROOT)
     from grpo_jax.config import load_config
     from grpo_jax.loop import train
@@ -107,7 +107,7 @@ def _worker(process_id: int, port: int, model_dir: str, run_dir: str, steps: int
     cfg = load_config(None, small_config(model_dir, run_dir, *mesh_args(*PROCESS_MESH), f"--run.steps={steps}",
                                          "--grpo.beta=0.04", "--mesh.coordinator_address=127.0.0.1:%d" % port,
                                          "--mesh.num_processes=2", f"--mesh.process_id={process_id}",
-                                         "--checkpoint.every_steps=3", "--checkpoint.keep=5"))
+                                         "--checkpoint.every_steps=3", "--checkpoint.keep=5", *extra))
     train(cfg)
 
 
@@ -117,7 +117,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(process_id, port, model_dir, run_dir, steps, log_path):
+def _spawn(process_id, port, model_dir, run_dir, steps, log_path, *extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GRPO_JAX_", "JAX_", "SLURM_", "OMPI_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONUNBUFFERED="1",
                PYTHONPATH=ROOT, GRPO_JAX_HEARTBEAT_TIMEOUT="10", GRPO_JAX_INIT_TIMEOUT="120")
@@ -125,7 +125,7 @@ def _spawn(process_id, port, model_dir, run_dir, steps, log_path):
         del env[key]
     with open(log_path, "w") as log:  # the child keeps its own copy of the file descriptor
         return subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(process_id), str(port),
-                                 str(model_dir), str(run_dir), str(steps)],
+                                 str(model_dir), str(run_dir), str(steps), *extra],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 
 
@@ -145,16 +145,31 @@ def _untimed(history):
     return [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in history]
 
 
+def assert_same_run(run_dir, one_dir, one: dict):
+    """The 2-process run logged the 1-process run's numbers and saved its step-3 params; returns its params."""
+    import jax
+
+    from grpo_jax.checkpoint import checkpoint_params
+    from grpo_jax.metrics import read_metrics
+
+    rows = {r["step"]: r for r in read_metrics(run_dir)}
+    for want in _untimed(one["history"]):
+        got = _untimed([rows[want["step"]]])[0]
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    two_params, _ = checkpoint_params(run_dir, step=3)
+    one_params, _ = checkpoint_params(one_dir, step=3)
+    for a, b in zip(jax.tree.leaves(two_params), jax.tree.leaves(one_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    return two_params
+
+
 def test_two_processes_train_like_one_and_stop_when_one_dies(tiny_model, tmp_path):
     """2 processes x 4 devices run `train(cfg)`; their step-3 checkpoint holds the params of 3 steps
     on 1 process x 8 devices (same mesh, same config). Then process 1 is SIGKILLed mid-run: process 0
     must exit non-zero, saying why, within 2 minutes (heartbeat timeout here 10 s; default 100 s)."""
-    import jax
-
-    from grpo_jax.checkpoint import checkpoint_params
     from grpo_jax.config import load_config
     from grpo_jax.loop import train
-    from grpo_jax.metrics import read_metrics
 
     port, run_dir = _free_port(), tmp_path / "two"
     logs = [tmp_path / f"p{i}.log" for i in range(2)]
@@ -183,19 +198,37 @@ def test_two_processes_train_like_one_and_stop_when_one_dies(tiny_model, tmp_pat
                                      "exiting so that the other processes stop too")), output[-3000:]
     assert "step 3/" in output and "step 3/" not in logs[1].read_text()  # only process 0 logs
 
-    rows = {r["step"]: r for r in read_metrics(run_dir)}
-    for want in _untimed(one["history"]):
-        got = _untimed([rows[want["step"]]])[0]
-        for key in want:
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
-    two_params, _ = checkpoint_params(run_dir, step=3)
-    one_params, _ = checkpoint_params(one_dir, step=3)
-    for a, b in zip(jax.tree.leaves(two_params), jax.tree.leaves(one_params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert_same_run(run_dir, one_dir, one)
+
+
+
+def test_two_processes_with_lora_train_like_one(tiny_model, tmp_path):
+    """LoRA over 2 processes x 4 devices, adapters split as their base weights over fsdp x tensor: the
+    3-step adapters (and every logged number) of one process on 8 devices."""
+    from grpo_jax.config import load_config
+    from grpo_jax.loop import train
+
+    lora = ("--model.lora_rank=4", "--optim.learning_rate=3.0")
+    port, run_dir = _free_port(), tmp_path / "two"
+    logs = [tmp_path / f"p{i}.log" for i in range(2)]
+    procs = [_spawn(i, port, tiny_model, run_dir, 3, logs[i], *lora) for i in range(2)]
+    try:
+        one_dir = tmp_path / "one"
+        one = train(load_config(None, small_config(tiny_model, one_dir, *mesh_args(*PROCESS_MESH), "--run.steps=3",
+                                                   "--grpo.beta=0.04", *lora)))
+        outputs = _wait(procs, logs, timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    assert one["history"][-1]["kl"] > 0
+    two_params = assert_same_run(run_dir, one_dir, one)
+    assert set(two_params["layers"]) == {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}  # adapters only
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 7 and sys.argv[1] == "worker":
-        _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]))
+    if len(sys.argv) >= 7 and sys.argv[1] == "worker":
+        _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]), *sys.argv[7:])
     else:
-        sys.exit(f"usage: {sys.argv[0]} worker PROCESS_ID PORT MODEL_DIR RUN_DIR STEPS")
+        sys.exit(f"usage: {sys.argv[0]} worker PROCESS_ID PORT MODEL_DIR RUN_DIR STEPS [--section.key=value ...]")

@@ -436,7 +436,7 @@ def hf_config_from(config: TransformerConfig, torch_dtype: str | None = None) ->
 # our param path -> (HF name relative to the model prefix, kind); "{i}" = layer index.
 
 
-def _weight_map(c: TransformerConfig) -> dict[tuple[str, ...], tuple[str, str]]:
+def hf_weight_names(c: TransformerConfig) -> dict[tuple[str, ...], tuple[str, str]]:
     gemma = c.norm_style == "gemma" or c.post_norms
     m = {
         ("embed",): ("embed_tokens.weight", "copy"),
@@ -470,7 +470,7 @@ def _weight_map(c: TransformerConfig) -> dict[tuple[str, ...], tuple[str, str]]:
     return m
 
 
-def _to_ours(arr: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+def to_our_layout(arr: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
     """HF layout -> our layout, as a view when numpy can (memmap stays lazy). shape: ours (per layer)."""
     if kind == "copy":
         return arr
@@ -485,7 +485,7 @@ def _to_ours(arr: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
     raise AssertionError(kind)
 
 
-def _to_hf(arr: np.ndarray, kind: str) -> np.ndarray:
+def to_hf_layout(arr: np.ndarray, kind: str) -> np.ndarray:
     """Our layout -> HF layout."""
     if kind == "copy":
         return arr
@@ -500,7 +500,7 @@ def _to_hf(arr: np.ndarray, kind: str) -> np.ndarray:
     raise AssertionError(kind)
 
 
-def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def hf_layout_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if kind == "copy":
         return shape
     if kind == "T":
@@ -607,7 +607,7 @@ def load_hf(
         shardings = shardings(config, abs_model)
     shard_flat = _flatten_pure(_pure(shardings)) if shardings is not None else None
 
-    wmap = _weight_map(config)
+    wmap = hf_weight_names(config)
     missing = set(abs_flat) - set(wmap)
     if missing:
         raise AssertionError(f"no weight mapping for {sorted(missing)}")
@@ -618,7 +618,7 @@ def load_hf(
         stacked = path[0] == "layers"
         full_shape = tuple(sds.shape)
         shape = full_shape[1:] if stacked else full_shape
-        expected = _hf_shape(kind, shape)
+        expected = hf_layout_shape(kind, shape)
         names = ([(head if template.startswith("lm_head") else prefix) + template.format(i=i)
                   for i in range(config.num_layers)] if stacked else
                  [(head if template.startswith("lm_head") else prefix) + template])
@@ -627,7 +627,7 @@ def load_hf(
             got = store.shape(name)
             if tuple(got) != expected:
                 raise ModelLoadError(f"tensor {name}: expected shape {list(expected)}, got {list(got)}")
-            views.append(_to_ours(store.get(name), kind, shape))
+            views.append(to_our_layout(store.get(name), kind, shape))
 
         def read(index, views=views, stacked=stacked, full_shape=full_shape):
             if index is None:
@@ -720,7 +720,7 @@ def export_hf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     flat = _flatten_pure(_pure(params_or_state))
-    wmap = _weight_map(c)
+    wmap = hf_weight_names(c)
     unknown = set(flat) - set(wmap)
     if unknown:
         raise ValueError(f"params have no HF mapping: {sorted('/'.join(p) for p in unknown)}")
@@ -771,7 +771,7 @@ def export_hf(
         for name, path, layer, kind, _ in items:
             arr = host(path)
             arr = arr[layer] if layer is not None else arr
-            tensors[name] = np.ascontiguousarray(_to_hf(arr, kind)).astype(np_dtype)
+            tensors[name] = np.ascontiguousarray(to_hf_layout(arr, kind)).astype(np_dtype)
             weight_map[name] = fname
         save_safetensors(out / fname, tensors)
     if n > 1:

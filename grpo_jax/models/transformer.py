@@ -39,6 +39,7 @@ from flax import nnx
 from grpo_jax.config import ATTENTION_IMPLS, REMAT_POLICIES
 from grpo_jax.models import attention as A
 from grpo_jax.models import layers as L
+from grpo_jax.models import lora
 from grpo_jax.sharding import pin_rows, spec_for
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -474,9 +475,9 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
         is_sliding = x["sliding"]
         # attention
         a = rows(norm(h, p["attn_norm"]))
-        q = jnp.einsum("btd,dhk->bthk", a, p["wq"])
-        k = jnp.einsum("btd,dhk->bthk", a, p["wk"])
-        v = jnp.einsum("btd,dhk->bthk", a, p["wv"])
+        q = lora.einsum("btd,dhk->bthk", a, p["wq"])
+        k = lora.einsum("btd,dhk->bthk", a, p["wk"])
+        v = lora.einsum("btd,dhk->bthk", a, p["wv"])
         if c.qkv_bias:
             q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
         if c.qk_norm:
@@ -505,7 +506,7 @@ def apply(config: TransformerConfig, params: dict, tokens, positions, attention_
             k_all, v_all = (jax.lax.dynamic_update_slice(x[n], new, (zero, zero, index, zero)).transpose(0, 2, 1, 3)
                             .astype(cd) for n, new in zip("kv", kv_out))
             o = attend(q, k_all, v_all, amask, is_sliding=layer_sliding)
-        o = jnp.einsum("bthk,hkd->btd", o, p["wo"])
+        o = lora.einsum("bthk,hkd->btd", o, p["wo"])
         if c.o_bias:
             o = o + p["bo"]
         if c.post_norms:
