@@ -30,7 +30,7 @@ from grpo_jax.models.hf import save_converted
 from grpo_jax.optim import make_optimizer
 from grpo_jax.policy import Policy
 from grpo_jax.rollout import bucket_length
-from grpo_jax.trainer import Batch, assemble_batch, completion_logprobs, init_train_state
+from grpo_jax.trainer import Batch, assemble_batch, completion_logprobs, dropout_key, init_train_state
 
 
 def completion_targets(tokenizer, rows: dict, template: str, max_len: int, prefix: str = "") -> list[list[int]]:
@@ -77,11 +77,8 @@ def make_sft_step(model, optimizer, state_shardings, spec: Optional[lora.LoraSpe
         return nll, {"sft/loss": nll, "sft/token_accuracy": correct}
 
     def step(state, batch: Batch, frozen=None):
-        dropout_key = None
-        if spec is not None and spec.dropout > 0:
-            rng, dropout_key = jax.random.split(state.rng)
-            state = state.replace(rng=rng)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, frozen, dropout_key)
+        state, key = dropout_key(state, spec)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, frozen, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["sft/grad_norm"] = optax.tree.norm(grads)

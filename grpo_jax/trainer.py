@@ -51,6 +51,15 @@ def keeps_reference(cfg: Config) -> bool:
     return cfg.grpo.beta != 0 and not cfg.model.lora_rank
 
 
+def dropout_key(state: TrainState, spec: Optional[lora.LoraSpec]) -> tuple[TrainState, Optional[jax.Array]]:
+    """(state, key) for an update's LoRA dropout masks: the state's key moves on, so a resumed run draws the
+    same masks; (state, None) without dropout."""
+    if spec is None or spec.dropout == 0:
+        return state, None
+    rng, key = jax.random.split(state.rng)
+    return state.replace(rng=rng), key
+
+
 def init_train_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
                      keep_reference: bool) -> TrainState:
     ref = jax.tree.map(jnp.copy, params) if keep_reference else None
@@ -310,11 +319,8 @@ def make_steps(model, optimizer: optax.GradientTransformation, cfg: Config, stat
         return loss, metrics, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
     def update_step(state: TrainState, minibatch: Batch, frozen=None):
-        dropout_key = None
-        if spec is not None and spec.dropout > 0:  # the run's key moves on each update: masks resume exactly
-            rng, dropout_key = jax.random.split(state.rng)
-            state = state.replace(rng=rng)
-        loss, metrics, grads = accumulated_grads(state.params, minibatch, frozen, dropout_key)
+        state, key = dropout_key(state, spec)
+        loss, metrics, grads = accumulated_grads(state.params, minibatch, frozen, key)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
