@@ -296,8 +296,10 @@ def abstract_like(state: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def checkpoint_params(run_dir: str | os.PathLike, step: Optional[int] = None, best: bool = False) -> tuple[Any, int]:
-    """The policy params saved in a training run's checkpoint: the newest, a given step, or the best.
+def checkpoint_params(run_dir: str | os.PathLike, step: Optional[int] = None, best: bool = False,
+                      part: str = "params") -> tuple[Any, int]:
+    """The policy params saved in a training run's checkpoint: the newest, a given step, or the best;
+    part="critic_params": a PPO run's critic instead.
 
     "Best" is by the run's checkpoint.keep_best_metric over the evaluations it recorded
     (checkpoint.keep_best_mode says whether higher or lower wins).
@@ -331,4 +333,6 @@ def checkpoint_params(run_dir: str | os.PathLike, step: Optional[int] = None, be
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {step} in {run_dir} is damaged ({_first_line(e)})") from None
     ckpt.close()
-    return state["params"], step
+    if state.get(part) is None:
+        raise ValueError(f"{run_dir}: checkpoint {step} holds no {part} (a critic is trained by run.algorithm=ppo)")
+    return state[part], step

@@ -33,8 +33,11 @@ LORA_ALL_LINEAR = "all-linear"
 RematPolicy = Literal["none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                       "everything_saveable"]
 AttentionImpl = Literal["auto", "dense", "blockwise", "splash", "cudnn"]
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"]
 ImportanceSamplingLevel = Literal["token", "sequence"]
+Algorithm = Literal["grpo", "ppo"]
+KLEstimator = Literal["k1", "k3"]
+KLPenalty = Literal["reward", "loss"]
 RewardScale = Literal["group", "batch", "none", "rloo"]
 OverlongPrompts = Literal["truncate_left", "drop"]
 OnError = Literal["stop", "none"]
@@ -43,6 +46,7 @@ REMAT_POLICIES: tuple[str, ...] = typing.get_args(RematPolicy)
 ATTENTION_IMPLS: tuple[str, ...] = typing.get_args(AttentionImpl)
 LOSS_TYPES: tuple[str, ...] = typing.get_args(LossType)
 IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = typing.get_args(ImportanceSamplingLevel)
+KL_ESTIMATORS: tuple[str, ...] = typing.get_args(KLEstimator)
 REWARD_SCALES: tuple[str, ...] = typing.get_args(RewardScale)
 OVERLONG_PROMPTS: tuple[str, ...] = typing.get_args(OverlongPrompts)
 ON_ERROR: tuple[str, ...] = typing.get_args(OnError)
@@ -182,10 +186,54 @@ class GRPOConfig:
     0: frozen."""
     ref_mixup_alpha: float = 0.6
     """alpha of the reference sync."""
+    cispo_epsilon_high: float = 5.0
+    """loss_type=cispo (MiniMax-M1): the importance weight is clipped to at most this (TRL's epsilon_high
+    for cispo; no lower bound by default)."""
+    cispo_epsilon_low: Optional[float] = None
+    """loss_type=cispo: also clip the weight below at 1 - this; null: no lower bound (TRL)."""
+    use_bias_correction_kl: bool = False
+    """Multiply the per-token k3 KL term by the importance ratio pi / pi_old (not detached: it changes the
+    gradient even on-policy), as TRL 1.16's use_bias_correction_kl (default on there), which makes the KL
+    gradient the unbiased reverse-KL gradient (DeepSeek-V3.2)."""
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling (TRL's vllm_importance_sampling_correction, verl's TIS): multiply each
+    token's surrogate loss (not the KL term) by min(pi_old / pi_sampler, tis_cap), pi_sampler being the
+    log-probs the sampler reported, correcting for them differing from the trainer's (bfloat16 rollouts);
+    null: off. TRL's *_truncate modes with vllm_importance_sampling_clip_max = tis_cap."""
+    tis_level: ImportanceSamplingLevel = "token"
+    """tis_cap per token, or one weight per completion from its summed log-ratio (sequence, as TRL)."""
 
     @property
     def epsilon_upper(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    critic_path: Optional[str] = None
+    """run.algorithm=ppo: the model the critic (value model) starts from: any model.path the project loads,
+    a converted checkpoint, an HF causal LM, or an HF *ForSequenceClassification folder with one label
+    (a TRL reward / value model, whose score head it keeps); null: the policy's own weights. Its vocabulary
+    must be the policy's."""
+    critic_learning_rate: Optional[float] = None
+    """The critic's own optimizer's peak learning rate (optim's other settings apply); null: optim.learning_rate."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (TRL's vf_coef)."""
+    cliprange_value: float = 0.2
+    """The new values are clipped to old values +- this in the value loss (TRL's cliprange_value)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    kl_penalty: KLPenalty = "reward"
+    """Where grpo.beta's KL to the reference goes: reward subtracts beta x KL from every token's reward
+    (PPO-RLHF, TRL's PPOTrainer); loss adds GRPO's k3 term to the loss instead."""
+    kl_estimator: KLEstimator = "k1"
+    """The per-token KL in the reward: k1 = log pi - log ref (TRL's default), k3 = Schulman's k3."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards over the batch before GAE (mean kept; TRL's whiten_rewards)."""
+    whiten_advantages: bool = True
+    """Whiten the GAE advantages over the batch's completion tokens (TRL always does)."""
 
 
 @dataclass(frozen=True)
@@ -360,6 +408,10 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    algorithm: Algorithm = "grpo"
+    """grpo: the group's rewards are the baseline (no critic); ppo: a critic (value model, the `ppo`
+    section) and GAE give per-token advantages; rollout.group_size then defaults to 1 and grpo.loss_type
+    to bnpo (TRL's PPOTrainer)."""
     name: str = "grpo"
     """Run name, used in logs."""
     seed: int = 0
@@ -389,6 +441,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
@@ -419,7 +472,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         layers.append((_parse_overrides(overrides), None))
     for layer, source in layers:  # one layer at a time, so an error names where the bad value came from
         merged = _merge_layer(merged, layer, source)
-    return _finish(merged)
+    return _finish(_algorithm_defaults(merged, [layer for layer, _ in layers], switched=True))
 
 
 def apply_overrides(cfg: Config, overrides: dict, source: str) -> Config:
@@ -436,11 +489,29 @@ def apply_overrides(cfg: Config, overrides: dict, source: str) -> Config:
             nested.setdefault(section, {}).update(value)
         else:
             raise ConfigError(f"{source}: {_unknown_key_message(str(key))}")
-    merged = _merge_layer(OmegaConf.structured(cfg), OmegaConf.create(nested), source)
+    layer = OmegaConf.create(nested)
+    merged = _merge_layer(OmegaConf.structured(cfg), layer, source)
+    merged = _algorithm_defaults(merged, [layer], switched=cfg.run.algorithm != merged.run.algorithm)
     try:
         return _finish(merged)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+PPO_DEFAULTS = {"rollout.group_size": 1, "grpo.loss_type": "bnpo"}  # TRL's PPOTrainer: one sample, token mean
+
+
+def _algorithm_defaults(merged, layers, switched: bool):
+    """run.algorithm=ppo samples one completion per prompt and averages the loss over tokens (TRL's PPO)
+    unless those keys are set (the defaults are GRPO's); `switched`: these layers chose the algorithm
+    (a pipeline stage's overrides may switch it)."""
+    if merged.run.algorithm != "ppo" or not switched:
+        return merged
+    for key, value in PPO_DEFAULTS.items():
+        if not any(OmegaConf.select(layer, key) is not None for layer in layers):
+            section, name = key.split(".")
+            merged = OmegaConf.merge(merged, {section: {name: value}})
+    return merged
 
 
 def _merge_layer(merged, layer, source):
@@ -658,6 +729,26 @@ def validate_lora(m: ModelConfig, g: GRPOConfig) -> None:
                           "adapters off, and it stays the base; set grpo.ref_sync_steps=0")
 
 
+def validate_ppo(cfg: Config) -> None:
+    """run.algorithm=ppo: the ppo section in range, and the GRPO-only settings off."""
+    p, g = cfg.ppo, cfg.grpo
+    checks = [
+        (p.vf_coef >= 0, f"ppo.vf_coef={p.vf_coef} must be >= 0"),
+        (p.cliprange_value > 0, f"ppo.cliprange_value={p.cliprange_value} must be > 0"),
+        (0 <= p.gamma <= 1 and 0 <= p.lam <= 1, f"ppo.gamma={p.gamma} and ppo.lam={p.lam} must be in [0, 1]"),
+        (p.critic_learning_rate is None or p.critic_learning_rate >= 0, "ppo.critic_learning_rate must be >= 0"),
+        (not g.filter_zero_std_groups, "grpo.filter_zero_std_groups is GRPO's (groups of equal rewards); "
+         "run.algorithm=ppo has no groups: set it false"),
+        (not g.pack_sequences, "grpo.pack_sequences is not supported with run.algorithm=ppo (the critic reads "
+         "padded rows); use grpo.micro_batch_size to bound memory"),
+        (not cfg.model.lora_rank, "model.lora_rank with run.algorithm=ppo: LoRA trains the policy only, and the "
+         "critic is a full model; set model.lora_rank=0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
 def validate(cfg: Config) -> None:
     """Combinations that type checks cannot catch; each says why it is wrong."""
     r, g, o, d = cfg.rollout, cfg.grpo, cfg.optim, cfg.data
@@ -666,8 +757,10 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    need(r.group_size >= 2,
-         f"rollout.group_size={r.group_size}: GRPO compares completions within a group, so it needs at least 2")
+    ppo = cfg.run.algorithm == "ppo"
+    need(r.group_size >= 2 or (ppo and r.group_size >= 1),
+         f"rollout.group_size={r.group_size}: GRPO compares completions within a group, so it needs at least 2"
+         if not ppo else f"rollout.group_size={r.group_size} must be >= 1")
     need(r.max_prompt_length > 0, "rollout.max_prompt_length must be positive")
     need(r.max_completion_length > 0, "rollout.max_completion_length must be positive")
     need(r.temperature >= 0, f"rollout.temperature={r.temperature} must be >= 0 (0 is greedy)")
@@ -688,6 +781,12 @@ def validate(cfg: Config) -> None:
     need(g.ref_sync_steps >= 0 and 0 < g.ref_mixup_alpha <= 1,
          "grpo.ref_sync_steps must be >= 0 and grpo.ref_mixup_alpha in (0, 1]")
     validate_lora(cfg.model, g)
+    need(g.cispo_epsilon_high > 0, f"grpo.cispo_epsilon_high={g.cispo_epsilon_high} must be > 0")
+    need(g.cispo_epsilon_low is None or 0 < g.cispo_epsilon_low < 1,
+         f"grpo.cispo_epsilon_low={g.cispo_epsilon_low} must be in (0, 1) or null")
+    need(g.tis_cap is None or g.tis_cap > 0, f"grpo.tis_cap={g.tis_cap} must be > 0 or null (off)")
+    if ppo:
+        validate_ppo(cfg)
     need(g.num_iterations >= 1, "grpo.num_iterations must be >= 1")
     need(g.num_minibatches >= 1, "grpo.num_minibatches must be >= 1")
     need((d.batch_size * r.group_size) % g.num_minibatches == 0,

@@ -27,11 +27,12 @@ import numpy as np
 from grpo_jax import distributed, packing, sharding
 from grpo_jax.checkpoint import Checkpointer, abstract_like
 from grpo_jax.config import Config, ConfigError, announce_config, minibatch_rows, optimizer_updates, to_dict
+from grpo_jax.critic import load_critic
 from grpo_jax.data import load_dataset, run_batches
 from grpo_jax.evaluate import EvaluationStopped, evaluate_over_processes, metric_names
 from grpo_jax.metrics import MetricsLogger, plot_run
 from grpo_jax.objective import flat_groups, group_advantages
-from grpo_jax.optim import make_optimizer
+from grpo_jax.optim import make_critic_optimizer, make_optimizer
 from grpo_jax.planner import run_micro_batch, training_line
 from grpo_jax.policy import Policy, Samples
 from grpo_jax.rewards import RewardError, RewardSet
@@ -48,13 +49,16 @@ from grpo_jax.step_metrics import (
 )
 from grpo_jax.trainer import (
     Batch,
+    CriticModel,
     Steps,
     init_train_state,
+    is_ppo,
     keeps_reference,
     loss_mask,
     make_steps,
     micro_batch_count,
     packed_batch,
+    ppo_batch,
     rollout_batch,
     sync_reference,
     train_flops,
@@ -128,18 +132,25 @@ class Run:
         # LoRA: the state trains the adapters; the policy keeps the frozen base, passed to the steps beside it
         trained = self.policy.params if self.policy.lora is None else self.policy.initial_adapters(
             jax.random.fold_in(rng, 1))
-        state = init_train_state(trained, self.optimizer, rng, keep_reference=keeps_reference(cfg))
-        if self.policy.lora is not None and self.is_main:
+        # PPO: the critic (critic.py) trains beside the policy with its own optimizer, in the same state
+        critic = load_critic(cfg, self.policy) if is_ppo(cfg) else None
+        critic_optimizer = make_critic_optimizer(cfg, optimizer_updates(cfg)) if critic else None
+        state = init_train_state(trained, self.optimizer, rng, keep_reference=keeps_reference(cfg),
+                                 critic_params=critic and critic.params, critic_optimizer=critic_optimizer)
+        if (self.policy.lora is not None or critic) and self.is_main:
             print(f"training: {training_line(cfg, self.policy.config, state, self.policy.params)}", flush=True)
-        self.state_shardings = sharding.train_state_shardings(state, self.optimizer,
-                                                              self.policy.trained_shardings(trained), self.mesh)
+        self.state_shardings = sharding.train_state_shardings(
+            state, self.optimizer, self.policy.trained_shardings(trained), self.mesh, critic_optimizer,
+            critic and critic.shardings)
         self.state = jax.device_put(state, self.state_shardings)
-        steps = make_steps(self.policy.decoder, self.optimizer, cfg, self.state_shardings)
+        steps = make_steps(self.policy.decoder, self.optimizer, cfg, self.state_shardings,
+                           critic=critic and CriticModel(critic.decoder, critic_optimizer))
         frozen = None if self.policy.lora is None else self.policy.params
         self.device_steps = Steps(*(functools.partial(fn, frozen=frozen) for fn in steps))
         self.rollout_batch = jax.jit(rollout_batch, static_argnums=3)  # the loss Batch from the rollout's arrays
         self.drop_rows = jax.jit(lambda mask, keep: mask & keep[:, None])
         rows = jax.ShapeDtypeStruct((cfg.data.batch_size * cfg.rollout.group_size,), jnp.float32)
+        self.ppo_batch = jax.jit(functools.partial(ppo_batch, cfg=cfg))
         self.group_advantages = jax.jit(functools.partial(group_advantages, group_size=cfg.rollout.group_size,
                                                           scale=cfg.grpo.scale_rewards, eps=cfg.grpo.advantage_eps),
                                         out_shardings=sharding.rows_sharding(rows, self.mesh))  # each its own rows
@@ -199,8 +210,9 @@ class Run:
         batch = self.device_steps.reference_and_old_logps(self.state, batch)  # dispatched, runs while we score
         scored = self.score(rows, samples)
         t_reward = time.perf_counter()
-        batch, advantages, flat = self.with_advantages(batch, scored.result, order)
-        train_metrics = self.update(batch, step)
+        batch, advantages, flat, advantage_metrics = self.with_advantages(batch, scored.result, order)
+        train_metrics = self.update(batch, step)  # dispatched first: the advantage metrics are read after it
+        train_metrics.update({k: float(v) for k, v in advantage_metrics.items()})
         times = StepTimes(t_rollout - t0, t_reward - t_rollout, time.perf_counter() - t_reward)
         metrics = self.step_metrics(step, samples, scored, advantages, flat, train_metrics, times,
                                     seq_len=batch.tokens.shape[1])
@@ -221,7 +233,7 @@ class Run:
         out = samples.local
         rows = lambda x: np.repeat(x, self.group_size, axis=0)  # noqa: E731
         return self.packed(rows(samples.prompts.ids), rows(samples.prompts.mask), out.tokens,
-                           loss_mask(out.mask, out.truncated, grpo.mask_truncated_completions))
+                           loss_mask(out.mask, out.truncated, grpo.mask_truncated_completions), out.logprobs)
 
     def score(self, rows: dict, samples: Samples) -> Scored:
         """Decode this process's completions and score them (host reward functions in the reward workers)."""
@@ -237,8 +249,15 @@ class Run:
 
     def with_advantages(self, batch: Batch, result: RewardResult, order: Optional[np.ndarray]):
         """Group-relative advantages on the mesh ("batch" scaling needs every process's rewards), in the loss's
-        row order; groups with equal rewards leave the loss under grpo.filter_zero_std_groups.
-        Returns (batch, advantages in row order, which groups were flat)."""
+        row order; groups with equal rewards leave the loss under grpo.filter_zero_std_groups. PPO: per-token
+        GAE advantages from the critic's values instead (`trainer.ppo_batch`).
+        Returns (batch, each row's advantage (PPO: mean |A| over its tokens), which groups were flat, metrics)."""
+        if is_ppo(self.cfg):
+            batch, metrics = self.ppo_batch(batch, self.policy.to_mesh(result.total.astype(np.float32)))
+            rows = metrics.pop("advantage_rows")
+            single = self.group_size == 1  # no groups to be flat
+            flat = np.zeros(len(result.total), bool) if single else flat_groups(result.total, self.group_size)
+            return batch, rows, flat, metrics
         advantages = self.group_advantages(self.policy.to_mesh(result.total.astype(np.float32)))
         flat = flat_groups(result.total, self.group_size)
         in_loss_order = (lambda x: x) if order is None else (lambda x: x[order])  # noqa: E731
@@ -247,7 +266,7 @@ class Run:
             batch = batch._replace(completion_mask=self.drop_rows(batch.completion_mask, informative))
         loss_advantages = advantages if order is None else self.policy.to_mesh(
             in_loss_order(np.asarray(distributed.local_rows(advantages))))
-        return batch._replace(advantages=loss_advantages), advantages, flat
+        return batch._replace(advantages=loss_advantages), advantages, flat, {}
 
     def update(self, batch: Batch, step: int) -> dict:
         """The step's optimizer updates (minibatches shuffled by (seed, step)), then the reference sync."""
@@ -277,7 +296,8 @@ class Run:
                              "reward": float(scored.result.total[i])} for i in range(0, len(scored.completions), every)]
         return metrics
 
-    def packed(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> tuple[Batch, np.ndarray]:
+    def packed(self, prompt_ids, prompt_mask, completion_ids, completion_mask,
+               sampler_logp) -> tuple[Batch, np.ndarray]:
         """This process's rows packed (grpo.pack_sequences; packing.py) as a global Batch, and the row order;
         each new packed shape (a compile) is logged."""
         cfg = self.cfg
@@ -291,7 +311,8 @@ class Run:
             self.packed_shapes.add(packed.tokens.shape)
             print(f"packing {len(packed.order)} sequences per process into {packed.tokens.shape[0]} rows of "
                   f"{packed.tokens.shape[1]} tokens (a new packed shape: {len(self.packed_shapes)} so far)", flush=True)
-        batch = packed_batch(packed, np.asarray(completion_mask)[packed.order], np.zeros(len(packed.order), np.float32))
+        batch = packed_batch(packed, np.asarray(completion_mask)[packed.order], np.zeros(len(packed.order), np.float32),
+                             np.asarray(sampler_logp)[packed.order])
         return self.policy.to_mesh(batch), packed.order
 
     # ------------------------------------------------------------ evaluation

@@ -170,28 +170,36 @@ def policy_loss(
     totals: Optional[StepTotals] = None,
     logits: Optional[jax.Array] = None,
     entropy: Optional[jax.Array] = None,
+    sampler_logp: Optional[jax.Array] = None,
 ):
     """Clipped surrogate + beta * k3 KL, aggregated by `cfg.loss_type`. Returns (loss, metrics).
 
-    logp, old_logp, ref_logp, mask: [B, N] (completion tokens); advantages: [B].
+    logp, old_logp, ref_logp, mask: [B, N] (completion tokens); advantages: [B] (one per completion,
+    GRPO) or [B, N] (per token, PPO's GAE).
     Math runs in float32 (float64 when logp is float64, for gradient checks).
-    cfg: anything with beta, epsilon, epsilon_high, delta, loss_type,
-    importance_sampling_level (e.g. `grpo_jax.config.GRPOConfig`).
+    cfg: anything with GRPOConfig's loss fields (beta, epsilon, epsilon_high, delta, loss_type,
+    importance_sampling_level, cispo_epsilon_*, use_bias_correction_kl, tis_cap, tis_level).
     old_logp=None means on-policy (one optimisation pass): old = stop_gradient(logp).
     ref_logp may be None when beta = 0.
 
+    Per token (TRL's GRPOTrainer): the clipped surrogate -min(r A, clip(r) A), or for cispo
+    -stop_gradient(clip(r, max=cispo_epsilon_high)) A log p (MiniMax-M1); times the truncated importance
+    weight min(pi_old / pi_sampler, tis_cap) when tis_cap is set; plus beta k3 KL (times r with
+    use_bias_correction_kl).
     Aggregation (TRL's definitions; `mask` selects completion tokens):
       grpo:    mean over sequences of each sequence's token mean
       bnpo:    sum over tokens / tokens in this batch
       dr_grpo: sum over tokens / (B * max_completion_length)  (default: N)
-      dapo:    sum over tokens / num_items_in_batch, the tokens of one optimizer
-               step across its micro-batches and processes (default: this batch)
+      dapo, cispo: sum over tokens / num_items_in_batch (the trainer passes the generation batch's
+               tokens / its minibatches, as TRL; default: this batch's tokens)
     totals: the sequence and token counts of the whole optimizer update when this batch
     is one of its micro-batches (gradient accumulation): the loss and every metric are
     then this micro-batch's share, normalised by the update's counts, so summing the
     micro-batches' values gives exactly the one-shot loss, gradient and metrics
-    (TRL's `num_items_in_batch`; dapo uses num_items_in_batch when given, else totals.tokens).
+    (metrics ending in "/max" are maxima: take the max over micro-batches instead).
 
+    sampler_logp [B, N]: the log-probs the sampler reported for these tokens; with it the metrics
+    include the sampler-trainer drift (`sampling/...`: old_logp against them) and tis_cap applies.
     Entropy metrics come from `entropy` [B, N] or, failing that, `logits` [B, N, V].
     Padded tokens (mask 0) never reach the loss or its gradient, even if their
     log-probs are inf or NaN.
@@ -203,6 +211,9 @@ def policy_loss(
                          f"{', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
     if cfg.beta != 0 and ref_logp is None:
         raise ValueError("beta != 0 needs ref_logp, the reference model's token log-probs")
+    tis_cap = cfg.tis_cap
+    if tis_cap is not None and sampler_logp is None:
+        raise ValueError("tis_cap needs sampler_logp, the log-probs the sampler reported")
     mask = mask.astype(bool)
     dtype = jnp.promote_types(logp.dtype, jnp.float32)  # float32, or float64 when asked for
     fmask = mask.astype(dtype)
@@ -212,7 +223,8 @@ def policy_loss(
 
     logp = clean(logp)
     old_logp = jax.lax.stop_gradient(logp) if old_logp is None else clean(old_logp)
-    adv = advantages.astype(dtype)[:, None]
+    adv = advantages.astype(dtype)
+    adv = adv[:, None] if adv.ndim == 1 else adv
     eps_low = cfg.epsilon
     eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
 
@@ -223,13 +235,25 @@ def policy_loss(
     else:
         log_weight = log_ratio
     ratio = jnp.exp(log_weight)
-    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    capped = ratio if cfg.delta is None else jnp.minimum(ratio, cfg.delta)
-    per_token = -jnp.minimum(capped * adv, clipped * adv)
+    if cfg.loss_type == "cispo":
+        low = None if cfg.cispo_epsilon_low is None else 1.0 - cfg.cispo_epsilon_low
+        weight = jax.lax.stop_gradient(jnp.clip(ratio, low, cfg.cispo_epsilon_high))
+        per_token = -weight * adv * logp
+    else:
+        clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+        capped = ratio if cfg.delta is None else jnp.minimum(ratio, cfg.delta)
+        per_token = -jnp.minimum(capped * adv, clipped * adv)
+
+    drift = {} if sampler_logp is None else sampler_drift(old_logp, clean(sampler_logp), mask,
+                                                          cfg.tis_level, tis_cap)
+    if tis_cap is not None:
+        per_token = per_token * drift.pop("tis_weight")
 
     kl = None
     if cfg.beta != 0:
         kl = k3_kl(clean(ref_logp), logp)
+        if cfg.use_bias_correction_kl:
+            kl = kl * ratio
         per_token = per_token + cfg.beta * kl
 
     per_token = jnp.where(mask, per_token, 0.0)
@@ -252,16 +276,16 @@ def policy_loss(
     def token_mean(x):
         return jnp.sum(jnp.where(mask, jnp.broadcast_to(x, mask.shape).astype(dtype), 0.0)) / step_tokens
 
-    low = (ratio < 1.0 - eps_low) & (adv < 0)
-    high = (ratio > 1.0 + eps_high) & (adv > 0)
-    metrics = {
-        "loss": loss,
-        "clip_ratio/low": token_mean(low),
-        "clip_ratio/high": token_mean(high),
-        "clip_ratio/region": token_mean(low | high),
-        "ratio": token_mean(ratio),
-        "completion_tokens": num_tokens,
-    }
+    metrics = {"loss": loss, "ratio": token_mean(ratio), "completion_tokens": num_tokens}
+    if cfg.loss_type == "cispo":
+        metrics["clip_ratio/cispo"] = token_mean((ratio > cfg.cispo_epsilon_high) & (adv > 0))
+    else:
+        low = (ratio < 1.0 - eps_low) & (adv < 0)
+        high = (ratio > 1.0 + eps_high) & (adv > 0)
+        metrics.update({"clip_ratio/low": token_mean(low), "clip_ratio/high": token_mean(high),
+                        "clip_ratio/region": token_mean(low | high)})
+    for name, (value, kind) in drift.items():
+        metrics[name] = token_mean(value) if kind == "mean" else jnp.max(jnp.where(mask, value, 0.0))
     if kl is not None:
         metrics["kl"] = token_mean(kl)
     if entropy is None and logits is not None:
@@ -269,3 +293,24 @@ def policy_loss(
     if entropy is not None:
         metrics["entropy"] = token_mean(jax.lax.stop_gradient(entropy))
     return loss, metrics
+
+
+def sampler_drift(old_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array, level: str = "token",
+                  tis_cap: Optional[float] = None) -> dict:
+    """How far the trainer's log-probs of the sampled tokens (old_logp, the policy that sampled) are from the
+    sampler's own: {metric name: ([B, N] values, "mean" | "max")}, and with tis_cap the truncated importance
+    weights min(pi_old / pi_sampler, tis_cap) as "tis_weight" ([B, N] or [B, 1], TRL's *_truncate modes).
+    Both inputs are constants of the update (no gradient)."""
+    diff = jax.lax.stop_gradient(jnp.where(mask, old_logp - sampler_logp, 0.0))
+    out = {
+        "sampling/logp_difference/mean": (jnp.abs(diff), "mean"),
+        "sampling/logp_difference/max": (jnp.abs(diff), "max"),
+        "sampling/kl": (k3_kl(old_logp, sampler_logp) * mask, "mean"),  # KL(sampler || trainer), k3 on sampled tokens
+        "sampling/ratio/max": (jnp.exp(diff), "max"),  # pi_old / pi_sampler
+    }
+    if tis_cap is not None:
+        log_weight = jnp.sum(diff, axis=-1, keepdims=True) if level == "sequence" else diff
+        weight = jnp.minimum(jnp.exp(log_weight), tis_cap)
+        out["sampling/tis_weight/mean"] = (weight, "mean")
+        out["tis_weight"] = weight
+    return out

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optax
 
-from grpo_jax.config import OptimConfig
+from grpo_jax.config import Config, OptimConfig
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -34,3 +36,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     if cfg.max_grad_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), opt)
     return opt
+
+
+def make_critic_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
+    """PPO's critic's own optimizer: optim's settings at ppo.critic_learning_rate (default optim.learning_rate)."""
+    lr = cfg.ppo.critic_learning_rate
+    return make_optimizer(cfg.optim if lr is None else dataclasses.replace(cfg.optim, learning_rate=lr), total_steps)

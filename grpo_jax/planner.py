@@ -42,18 +42,22 @@ from flax import nnx
 from grpo_jax import distributed
 from grpo_jax import sharding as shd
 from grpo_jax.config import Config, minibatch_rows, optimizer_updates
+from grpo_jax.critic import critic_config, without_unembedding
 from grpo_jax.models import lora, transformer
 from grpo_jax.models.hf import config_from_hf
 from grpo_jax.models.presets import PRESETS, preset_name
-from grpo_jax.optim import make_optimizer
-from grpo_jax.policy import model_config, model_source
+from grpo_jax.optim import make_critic_optimizer, make_optimizer
+from grpo_jax.policy import model_config as read_model_config
+from grpo_jax.policy import model_source
 from grpo_jax.rollout import SamplingParams, _generate_jit, bucket_length
 from grpo_jax.trainer import (
     Batch,
+    CriticModel,
     TrainState,
     completion_logprobs,
     init_train_state,
     is_on_policy,
+    is_ppo,
     keeps_reference,
     make_steps,
 )
@@ -76,7 +80,7 @@ def model_config_for(cfg: Config, preset: Optional[str] = None) -> tuple[transfo
         if name is None:
             raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
         return config_from_hf(PRESETS[name], **overrides), f"preset {name}"
-    local = model_config(m, download=False)
+    local = read_model_config(m, download=False)
     if local is not None:
         source = model_source(m.path)
         return local, str(Path(source.path) / ("model_config.json" if source.kind == "converted" else "config.json"))
@@ -184,10 +188,34 @@ class AbstractState(NamedTuple):
     shardings: TrainState
     optimizer: Any
     frozen: Any  # LoRA: the frozen base (in model.lora_base_dtype when set), else None
+    critic: Optional[CriticModel] = None  # PPO: the critic's decoder and optimizer (its params are in `state`)
+
+
+def planned_critic_config(model_config: transformer.TransformerConfig, cfg: Config) -> transformer.TransformerConfig:
+    """The critic's decoder shape: ppo.critic_path's when it is a local model (else assumed the policy's)."""
+    if cfg.ppo.critic_path is not None:
+        other = read_model_config(dataclasses.replace(cfg.model, path=cfg.ppo.critic_path), download=False)
+        if other is not None:
+            model_config = other.replace(param_dtype=model_config.param_dtype,
+                                         compute_dtype=model_config.compute_dtype)
+    return critic_config(model_config)
+
+
+def abstract_critic(model_config: transformer.TransformerConfig, cfg: Config, mesh):
+    """(the critic's abstract params, their shardings, CriticModel): critic.py's structure, nothing allocated."""
+    config = planned_critic_config(model_config, cfg)
+    params, shardings = abstract_params(config, mesh)
+    rep = shd.replicated(mesh)
+    params = {"decoder": without_unembedding(params),
+              "score": _sds((config.hidden_size,), config.param_jnp_dtype, rep)}
+    shardings = {"decoder": without_unembedding(shardings), "score": rep}
+    optimizer = make_critic_optimizer(cfg, optimizer_updates(cfg))
+    return params, shardings, CriticModel(transformer.Decoder(config), optimizer)
 
 
 def abstract_train_state(model_config: transformer.TransformerConfig, cfg: Config, mesh) -> AbstractState:
-    """The abstract train state of cfg on mesh: full fine-tuning, or (model.lora_rank) adapters on a frozen base."""
+    """The abstract train state of cfg on mesh: full fine-tuning, or (model.lora_rank) adapters on a frozen base;
+    with PPO's critic."""
     spec, frozen = lora.LoraSpec.from_config(cfg.model), None
     if spec is not None and cfg.model.lora_base_dtype:
         model_config = model_config.replace(param_dtype=cfg.model.lora_base_dtype)
@@ -198,15 +226,26 @@ def abstract_train_state(model_config: transformer.TransformerConfig, cfg: Confi
         plain = jax.eval_shape(functools.partial(lora.init_adapters, spec=spec, dtype=jnp.dtype(cfg.model.param_dtype),
                                                  key=jax.random.PRNGKey(0)), plain)
         frozen, param_shardings = params, lora.adapter_shardings(plain, param_shardings)
-    state = jax.eval_shape(lambda p: init_train_state(p, optimizer, jax.random.PRNGKey(0), keeps_reference(cfg)), plain)
-    state_shardings = shd.train_state_shardings(state, optimizer, param_shardings, mesh)
+    critic = critic_params = critic_shardings = None
+    if is_ppo(cfg):
+        critic_params, critic_shardings, critic = abstract_critic(model_config, cfg, mesh)
+        critic_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), critic_params)
+    state = jax.eval_shape(lambda p, c: init_train_state(p, optimizer, jax.random.PRNGKey(0), keeps_reference(cfg), c,
+                                                         critic and critic.optimizer), plain, critic_params)
+    state_shardings = shd.train_state_shardings(state, optimizer, param_shardings, mesh, critic and critic.optimizer,
+                                                critic_shardings)
     state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), state, state_shardings)
-    return AbstractState(state, state_shardings, optimizer, frozen)
+    return AbstractState(state, state_shardings, optimizer, frozen, critic)
 
 
 def training_line(cfg: Config, model_config: transformer.TransformerConfig, state: TrainState, frozen) -> str:
     """What trains: "full fine-tuning ..." or "LoRA rank r on ...: N trainable params (x%) ..."."""
     trained = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    if state.critic_params is not None:
+        critic = sum(math.prod(x.shape) for x in jax.tree.leaves(state.critic_params))
+        lr = cfg.ppo.critic_learning_rate if cfg.ppo.critic_learning_rate is not None else cfg.optim.learning_rate
+        return (f"PPO: full fine-tuning, {trained / 1e6:,.1f}M policy params and a critic of {critic / 1e6:,.1f}M "
+                f"(its own optimizer, learning rate {lr:g}) in {cfg.model.param_dtype}")
     if frozen is None:
         return f"full fine-tuning, {trained / 1e6:,.1f}M trainable params in {cfg.model.param_dtype}"
     spec = lora.LoraSpec.from_config(cfg.model)
@@ -233,18 +272,23 @@ def prompt_width(cfg: Config) -> int:
 
 
 def abstract_batch(cfg: Config, mesh, rows: int, with_old: bool, with_ref: bool):
-    """A Batch of `rows` sequences of P + N tokens (see trainer.Batch), rows split over data x fsdp."""
+    """A Batch of `rows` sequences of P + N tokens (see trainer.Batch), rows split over data x fsdp; an update's
+    (with_old) under PPO also carries per-token advantages, old values and returns."""
     P, N = prompt_width(cfg), cfg.rollout.max_completion_length
     T = P + N
 
     def arr(shape, dtype):
         return _sds(shape, dtype, shd.rows_sharding(jax.ShapeDtypeStruct(shape, dtype), mesh))
 
+    token_level = is_ppo(cfg) and with_old
     return Batch(tokens=arr((rows, T), jnp.int32), positions=arr((rows, T), jnp.int32),
                  attention_mask=arr((rows, T), jnp.bool_), completion_mask=arr((rows, N), jnp.bool_),
-                 advantages=arr((rows,), jnp.float32),
+                 advantages=arr((rows, N) if token_level else (rows,), jnp.float32),
                  old_logp=arr((rows, N), jnp.float32) if with_old else None,
-                 ref_logp=arr((rows, N), jnp.float32) if with_ref else None)
+                 ref_logp=arr((rows, N), jnp.float32) if with_ref else None,
+                 sampler_logp=arr((rows, N), jnp.float32),
+                 old_values=arr((rows, N), jnp.float32) if token_level else None,
+                 returns=arr((rows, N), jnp.float32) if token_level else None)
 
 
 def kv_cache_bytes(model_config: transformer.TransformerConfig, rows: int, length: int, mesh) -> tuple[int, int]:
@@ -354,14 +398,15 @@ class _Abstract:
     def __init__(self, model_config: transformer.TransformerConfig, cfg: Config, mesh):
         self.model_config, self.cfg, self.mesh = model_config, cfg, mesh
         self.abstract = abstract_train_state(model_config, cfg, mesh)
-        self.state, self.state_shardings, self.optimizer, self.frozen = self.abstract
+        self.state, self.state_shardings, self.optimizer, self.frozen, self.critic = self.abstract
         self.resident = bytes_per_device(self.state) + bytes_per_device(self.frozen)
 
     def step_programs(self, cfg: Config, which=("logps", "update")) -> dict:
         """Compiled stats of the log-prob and update programs of cfg (its micro-batch size)."""
-        steps = make_steps(transformer.Decoder(self.model_config), self.optimizer, cfg, self.state_shardings)
+        steps = make_steps(transformer.Decoder(self.model_config), self.optimizer, cfg, self.state_shardings,
+                           critic=self.critic)
         rows = cfg.data.batch_size * cfg.rollout.group_size
-        with_ref, with_old = cfg.grpo.beta != 0, not is_on_policy(cfg)
+        with_ref, with_old = cfg.grpo.beta != 0, is_ppo(cfg) or not is_on_policy(cfg)
         out = {}
         if "logps" in which and (with_ref or with_old):
             batch = abstract_batch(cfg, self.mesh, rows, False, False)
@@ -493,11 +538,17 @@ def plan(cfg: Config, model_config: transformer.TransformerConfig, mesh, *, prog
         "per_device_bytes": {
             "params": params_b, "optimizer_state": opt_b, "grads (in update temp)": params_b,
             "reference_params": ref_b, **({} if frozen is None else {"frozen_base": bytes_per_device(frozen)}),
+            **({} if state.critic_params is None else {
+                "critic_params": bytes_per_device(state.critic_params),
+                "critic_optimizer_state": bytes_per_device(state.critic_opt_state)}),
             "kv_cache (in rollout temp)": kv_dev, "resident_state": resident,
         },
         "total_bytes": {"params": total_bytes(state.params), "optimizer_state": total_bytes(state.opt_state),
                         "reference_params": total_bytes(state.ref_params) if state.ref_params is not None else 0,
-                        **({} if frozen is None else {"frozen_base": total_bytes(frozen)}), "kv_cache": kv_total},
+                        **({} if frozen is None else {"frozen_base": total_bytes(frozen)}),
+                        **({} if state.critic_params is None else {
+                            "critic_params": total_bytes(state.critic_params),
+                            "critic_optimizer_state": total_bytes(state.critic_opt_state)}), "kv_cache": kv_total},
         "programs": {},
     }
     progs = report["programs"]

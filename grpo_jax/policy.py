@@ -79,6 +79,20 @@ def model_config(m: ModelConfig, *, download: bool = True) -> Optional[transform
     return config_from_hf(read_hf_config(resolve_model_dir(source.path)), **overrides)
 
 
+def load_weights(source: ModelSource, mesh: jax.sharding.Mesh, overrides: dict) -> tuple[Any, dict]:
+    """(TransformerConfig, plain param dict placed on `mesh`) of a converted checkpoint or an HF model, with
+    `overrides` (TransformerConfig fields: dtypes, remat, attention) applied; the params in its param_dtype."""
+    shardings = lambda config, abstract: transformer.param_shardings(abstract, mesh, sharding.DEFAULT_RULES)  # noqa: E731
+    overrides = dict(overrides)
+    if source.kind == "converted":
+        model, config = load_converted(source.path, shardings=shardings)
+        config = config.replace(**overrides)
+    else:
+        model, config = load_hf(source.path, dtype=overrides.pop("param_dtype"), shardings=shardings, **overrides)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return config, jax.tree.map(lambda x: x.astype(config.param_jnp_dtype), params)  # a converted one keeps its own
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """EOS plus the chat end-of-turn tokens the tokenizer knows."""
     ids = []
@@ -141,23 +155,15 @@ class Policy:
         joining a multi-process run first)."""
         mesh = distributed.setup_mesh(cfg.mesh) if mesh is None else mesh
         m, source = cfg.model, model_source(cfg.model.path)
-        shardings = lambda config, abstract: transformer.param_shardings(abstract, mesh, sharding.DEFAULT_RULES)  # noqa: E731
         overrides = m.decoder_overrides()
         if m.lora_rank and m.lora_base_dtype:  # the frozen base in its own dtype; the adapters keep param_dtype
             overrides["param_dtype"] = m.lora_base_dtype
-        if source.kind == "converted":
-            model, config = load_converted(source.path, shardings=shardings)
-            config = config.replace(**overrides)
-        else:
-            model, config = load_hf(source.path, dtype=overrides.pop("param_dtype"), shardings=shardings,
-                                    **overrides)
+        config, params = load_weights(source, mesh, overrides)
         tokenizer = load_tokenizer(m.tokenizer or source.default_tokenizer(), config)
         beyond = [t for t in cfg.rollout.stop_token_ids if t >= config.vocab_size]
         if beyond:
             raise ConfigError(f"rollout.stop_token_ids: {beyond[0]} is beyond the model's vocabulary "
                               f"({config.vocab_size} tokens: ids 0..{config.vocab_size - 1})")
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        params = jax.tree.map(lambda x: x.astype(config.param_jnp_dtype), params)  # a converted one keeps its own
         formatter = PromptFormatter.from_config(cfg.data, tokenizer)
         sampling = SamplingParams.from_config(cfg.rollout, stop_token_ids(tokenizer), formatter.pad_id)
         return cls(cfg, mesh, transformer.Decoder(config), params, jax.tree.map(lambda x: x.sharding, params),

@@ -98,13 +98,23 @@ def data_parallel_size(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH]))
 
 
-def train_state_shardings(state, optimizer, param_shardings, mesh: Mesh):
-    """Shardings of a TrainState: optimizer moments follow their params, counters replicated."""
+def train_state_shardings(state, optimizer, param_shardings, mesh: Mesh, critic_optimizer=None,
+                          critic_shardings=None):
+    """Shardings of a TrainState: optimizer moments follow their params, counters replicated;
+    PPO's critic and its optimizer state where `critic_shardings` say."""
     rep = replicated(mesh)
-    opt = optax.tree_map_params(optimizer, lambda _, sh: sh, state.opt_state, param_shardings,
-                                transform_non_params=lambda _: rep)
+
+    def moments(opt, opt_state, shardings):
+        return optax.tree_map_params(opt, lambda _, sh: sh, opt_state, shardings, transform_non_params=lambda _: rep)
+
     ref = None if state.ref_params is None else param_shardings
-    return state.replace(step=rep, params=param_shardings, opt_state=opt, rng=rep, ref_params=ref)
+    critic = {}
+    if state.critic_params is not None:
+        critic = dict(critic_params=critic_shardings,
+                      critic_opt_state=moments(critic_optimizer, state.critic_opt_state, critic_shardings))
+    return state.replace(step=rep, params=param_shardings, opt_state=moments(optimizer, state.opt_state,
+                                                                             param_shardings),
+                         rng=rep, ref_params=ref, **critic)
 
 
 def rows_sharding(x, mesh: Mesh) -> NamedSharding:

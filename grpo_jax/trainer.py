@@ -6,6 +6,9 @@ One GRPO step, on device:
      the update (old_logp); both without gradients.
   2. `num_iterations` passes over `num_minibatches` minibatches, one optimizer
      update each (`update_step`), minimising `policy_loss`.
+Under run.algorithm=ppo step 1 always computes old_logp and the critic's values, the loop then
+turns rewards into per-token GAE advantages (`ppo_batch`), and each update also minimises the
+critic's value loss with its own optimizer (critic.py, ppo.py); nothing else differs.
 With `grpo.micro_batch_size` both run `micro_batch_size` rows at a time: the
 log-probs piece by piece, the update's gradients summed in float32 over its
 micro-batches under `lax.scan` (gradient accumulation), every loss normalised by
@@ -17,6 +20,7 @@ The model enters as a `transformer.Decoder` (or any object with its `hidden_stat
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -26,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from grpo_jax import distributed, sharding
+from grpo_jax import distributed, ppo, sharding
 from grpo_jax.config import Config
+from grpo_jax.critic import critic_values
 from grpo_jax.models import lora
-from grpo_jax.models.transformer import positions_from_mask, shard_activations
+from grpo_jax.models.transformer import Decoder, positions_from_mask, shard_activations
 from grpo_jax.objective import StepTotals, policy_loss, token_logprobs
 
 
@@ -43,6 +48,8 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: Any
     rng: jax.Array
     ref_params: Any = None  # frozen reference policy; None when beta = 0 or under LoRA (`keeps_reference`)
+    critic_params: Any = None  # run.algorithm=ppo: the critic's params (critic.py) and its optimizer's state
+    critic_opt_state: Any = None
 
 
 def keeps_reference(cfg: Config) -> bool:
@@ -60,10 +67,16 @@ def dropout_key(state: TrainState, spec: Optional[lora.LoraSpec]) -> tuple[Train
     return state.replace(rng=rng), key
 
 
-def init_train_state(params, optimizer: optax.GradientTransformation, rng: jax.Array,
-                     keep_reference: bool) -> TrainState:
+def is_ppo(cfg: Config) -> bool:
+    return cfg.run.algorithm == "ppo"
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, rng: jax.Array, keep_reference: bool,
+                     critic_params=None, critic_optimizer: Optional[optax.GradientTransformation] = None) -> TrainState:
     ref = jax.tree.map(jnp.copy, params) if keep_reference else None
-    return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=rng, ref_params=ref)
+    critic_opt = None if critic_params is None else critic_optimizer.init(critic_params)
+    return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=rng, ref_params=ref,
+                      critic_params=critic_params, critic_opt_state=critic_opt)
 
 
 class Batch(NamedTuple):
@@ -79,15 +92,18 @@ class Batch(NamedTuple):
     positions: jax.Array  # [R, P + N] int32 (packed: [Rp, L], restarting per sequence)
     attention_mask: jax.Array  # [R, P + N] bool (packed: [Rp, L])
     completion_mask: jax.Array  # [R, N] bool: tokens that count in the loss
-    advantages: jax.Array  # [R] float32
+    advantages: jax.Array  # [R] float32 (GRPO), or [R, N] per token (PPO's GAE)
     old_logp: Optional[jax.Array] = None  # [R, N] float32
     ref_logp: Optional[jax.Array] = None  # [R, N] float32
+    sampler_logp: Optional[jax.Array] = None  # [R, N] float32: what the sampler reported (drift metrics, tis_cap)
+    old_values: Optional[jax.Array] = None  # PPO: [R, N] float32, the critic's values before the update
+    returns: Optional[jax.Array] = None  # PPO: [R, N] float32, the value targets
     segment_ids: Optional[jax.Array] = None  # packed: [Rp, L] int32, 0 on padding
     source_row: Optional[jax.Array] = None  # packed: [R] int32, the packed row of loss row r's sequence
     source_start: Optional[jax.Array] = None  # packed: [R] int32, the column of its first completion token
 
 
-def assemble_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages) -> Batch:
+def assemble_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages, sampler_logp=None) -> Batch:
     """Prompt [R, P] (left-padded) + completion [R, N] -> the [R, P + N] sequences the model reads."""
     prompt_mask = jnp.asarray(prompt_mask, bool)
     completion_mask = jnp.asarray(completion_mask, bool)
@@ -100,6 +116,7 @@ def assemble_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, adv
         attention_mask=jnp.concatenate([prompt_mask, completion_mask], axis=1),
         completion_mask=completion_mask,
         advantages=jnp.asarray(advantages, jnp.float32),
+        sampler_logp=None if sampler_logp is None else jnp.asarray(sampler_logp, jnp.float32),
     )
 
 
@@ -113,13 +130,15 @@ def loss_mask(mask, truncated, mask_truncated: bool):
 def rollout_batch(prompt_ids, prompt_mask, rollout, mask_truncated: bool) -> Batch:
     """The loss Batch of a rollout's device arrays (no host round trip; `loss_mask`); advantages come later."""
     mask = loss_mask(rollout.mask, rollout.truncated, mask_truncated)
-    return assemble_batch(prompt_ids, prompt_mask, rollout.tokens, mask, jnp.zeros(rollout.truncated.shape))
+    return assemble_batch(prompt_ids, prompt_mask, rollout.tokens, mask, jnp.zeros(rollout.truncated.shape),
+                          rollout.logprobs)
 
 
-def packed_batch(packed, completion_mask, advantages) -> Batch:
+def packed_batch(packed, completion_mask, advantages, sampler_logp=None) -> Batch:
     """A Batch of host arrays from `packing.pack`'s rows and the loss-side arrays (in the packed order)."""
     return Batch(tokens=packed.tokens, positions=packed.positions, attention_mask=packed.attention_mask,
                  completion_mask=np.asarray(completion_mask, bool), advantages=np.asarray(advantages, np.float32),
+                 sampler_logp=None if sampler_logp is None else np.asarray(sampler_logp, np.float32),
                  segment_ids=packed.segment_ids, source_row=packed.source_row, source_start=packed.source_start)
 
 
@@ -229,11 +248,19 @@ def join_micro_batches(x: jax.Array) -> jax.Array:
 class Steps(NamedTuple):
     """The jitted device functions of a GRPO step (`make_steps`). Under LoRA both take the frozen base as `frozen=`."""
 
-    reference_and_old_logps: Callable  # (state, batch, frozen=None) -> batch with ref_logp / old_logp filled in
-    update: Callable  # (state, minibatch, frozen=None) -> (state, metrics): one optimizer update
+    reference_and_old_logps: Callable  # (state, batch, frozen=None) -> batch with ref_logp / old_logp (/ old_values)
+    update: Callable  # (state, minibatch, frozen=None, num_items=None) -> (state, metrics): one optimizer update
 
 
-def make_steps(model, optimizer: optax.GradientTransformation, cfg: Config, state_shardings=None) -> Steps:
+class CriticModel(NamedTuple):
+    """What the steps need of PPO's critic besides its params (in the train state)."""
+
+    decoder: Decoder
+    optimizer: optax.GradientTransformation
+
+
+def make_steps(model, optimizer: optax.GradientTransformation, cfg: Config, state_shardings=None,
+               critic: Optional[CriticModel] = None) -> Steps:
     """The jitted device functions of a GRPO step: Steps(reference_and_old_logps, update).
 
     model: a `transformer.Decoder`, or a plain forward returning logits (`as_trainable`).
@@ -246,14 +273,24 @@ def make_steps(model, optimizer: optax.GradientTransformation, cfg: Config, stat
     Under LoRA (model.lora_rank > 0) the state's params are the adapters and each call takes the frozen
     base as `frozen=`: the decoder reads `lora.combine(frozen, adapters)`, gradients reach the adapters
     only, and the reference log-probs are the base's.
+    critic (run.algorithm=ppo): the critic's decoder and optimizer; its params are the state's critic_params.
     """
     temperature = cfg.rollout.temperature or 1.0
     grpo = cfg.grpo
+    with_critic = is_ppo(cfg)
+    if with_critic and critic is None:
+        raise ValueError("run.algorithm=ppo: make_steps needs the critic (critic=CriticModel(decoder, optimizer))")
+    # PPO's KL to the reference is in the rewards by default (ppo.kl_penalty=reward), not in the loss
+    loss_cfg = dataclasses.replace(grpo, beta=0.0) if with_critic and cfg.ppo.kl_penalty == "reward" else grpo
     spec = lora.LoraSpec.from_config(cfg.model)
     mesh = _mesh_of(state_shardings)
     pin_rows = functools.partial(sharding.pin_rows, mesh=mesh)  # a micro-batch keeps its rows split over the mesh
     blocks = 1 if mesh is None else sharding.data_parallel_size(mesh)  # row blocks over devices (packed gathers)
     logprobs = functools.partial(completion_logprobs, as_trainable(model), temperature=temperature, blocks=blocks)
+
+    def values(critic_params, batch: Batch) -> jax.Array:
+        return critic_values(critic.decoder, critic_params, batch.tokens, batch.positions, batch.attention_mask,
+                             batch.completion_mask.shape[1])
 
     def model_params(params, frozen, dropout_key=None):
         """The decoder's params: the trained ones, or the frozen base with the trained adapters."""
@@ -263,76 +300,123 @@ def make_steps(model, optimizer: optax.GradientTransformation, cfg: Config, stat
             raise ValueError("model.lora_rank > 0: the steps need the frozen base weights (frozen=)")
         return lora.combine(frozen, params, spec, dropout_key)
 
-    def logprobs_in_pieces(params, batch: Batch) -> jax.Array:
+    def in_pieces(fn, params, batch: Batch) -> jax.Array:
+        """fn(params, batch) [R, N] run micro_batch_size rows at a time (grpo.micro_batch_size)."""
         count = micro_batch_count(cfg, batch.advantages.shape[0])
         if count == 1:
-            return logprobs(params, batch)
-        pieces = jax.lax.map(lambda micro: logprobs(params, pin_rows(micro)), split_micro_batches(batch, count))
+            return fn(params, batch)
+        pieces = jax.lax.map(lambda micro: fn(params, pin_rows(micro)), split_micro_batches(batch, count))
         return join_micro_batches(pieces)
 
     @jax.jit
     def reference_and_old_logps(state: TrainState, batch: Batch, frozen=None) -> Batch:
-        ref = old = None
+        ref = old = old_values = None
         with shard_activations(mesh):
             if grpo.beta != 0:
-                ref = logprobs_in_pieces(state.ref_params if spec is None else frozen, batch)
-            if not is_on_policy(cfg):
-                old = logprobs_in_pieces(model_params(state.params, frozen), batch)
-        return batch._replace(old_logp=old, ref_logp=ref)
+                ref = in_pieces(logprobs, state.ref_params if spec is None else frozen, batch)
+            if with_critic or not is_on_policy(cfg):  # PPO's reward KL needs the sampling policy's log-probs
+                old = in_pieces(logprobs, model_params(state.params, frozen), batch)
+            if with_critic:
+                old_values = in_pieces(values, state.critic_params, batch)
+        return batch._replace(old_logp=old, ref_logp=ref, old_values=old_values)
 
-    def loss_fn(params, batch: Batch, totals: StepTotals, frozen, dropout_key):
-        # Each minibatch is one optimizer update, so "dapo" normalises by this minibatch's tokens
-        # (TRL: the tokens of one optimizer step's gradient-accumulation window), over all its micro-batches.
+    def loss_fn(trained, batch: Batch, totals: StepTotals, frozen, dropout_key, num_items):
+        # "dapo" / "cispo" divide by num_items: the generation batch's tokens / num_minibatches, as TRL.
         # the entropy comes out of the same chunks as the log-probs (no [R, T, V] array), for the logs only
+        params, critic_params = trained if with_critic else (trained, None)
         with shard_activations(mesh):
             logp, entropy = logprobs(model_params(params, frozen, dropout_key), batch, return_entropy=True)
-        return policy_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.completion_mask, grpo,
-                           max_completion_length=cfg.rollout.max_completion_length, totals=totals,
-                           entropy=entropy)
+            new_values = values(critic_params, batch) if with_critic else None
+        loss, metrics = policy_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.completion_mask,
+                                    loss_cfg, max_completion_length=cfg.rollout.max_completion_length, totals=totals,
+                                    entropy=entropy, sampler_logp=batch.sampler_logp, num_items_in_batch=num_items)
+        if with_critic:
+            v_loss, v_metrics = ppo.value_loss(new_values, batch.old_values, batch.returns, batch.completion_mask,
+                                               cfg.ppo.cliprange_value, totals)
+            metrics = dict(metrics, **v_metrics, **{"policy/loss": loss})
+            loss = loss + cfg.ppo.vf_coef * v_loss
+            metrics["loss"] = loss
+        return loss, metrics
 
-    def loss_metrics_grads(params, batch: Batch, totals: StepTotals, frozen, dropout_key):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, totals, frozen, dropout_key)
+    def loss_metrics_grads(trained, batch: Batch, totals: StepTotals, frozen, dropout_key, num_items):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained, batch, totals, frozen,
+                                                                           dropout_key, num_items)
         return loss, metrics, grads
 
-    def accumulated_grads(params, minibatch: Batch, frozen, dropout_key):
-        """(loss, metrics, grads) of one optimizer update, summed over its micro-batches in float32."""
+    def accumulated_grads(trained, minibatch: Batch, frozen, dropout_key, num_items):
+        """(loss, metrics, grads) of one optimizer update, summed over its micro-batches in float32
+        (a "/max" metric: the max over them)."""
         rows = minibatch.advantages.shape[0]
         totals = StepTotals(sequences=rows, tokens=jnp.sum(minibatch.completion_mask.astype(jnp.float32)))
         count = micro_batch_count(cfg, rows)
         if count == 1:
-            return loss_metrics_grads(params, minibatch, totals, frozen, dropout_key)
+            return loss_metrics_grads(trained, minibatch, totals, frozen, dropout_key, num_items)
         micro = split_micro_batches(minibatch, count)
         keys = None if dropout_key is None else jax.random.split(dropout_key, count)  # a fresh mask per micro-batch
 
         def add(acc, piece):
             micro_batch, key = piece
-            value = loss_metrics_grads(params, pin_rows(micro_batch), totals, frozen, key)
-            return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, value), None
+            loss, metrics, grads = loss_metrics_grads(trained, pin_rows(micro_batch), totals, frozen, key, num_items)
+            acc_loss, acc_metrics, acc_grads = acc
+            metrics = {k: jnp.maximum(acc_metrics[k], v) if k.endswith("/max") else acc_metrics[k] + v
+                       for k, v in metrics.items()}
+            grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_grads, grads)
+            return (acc_loss + loss, metrics, grads), None
 
         first_key = None if keys is None else keys[0]
-        shapes = jax.eval_shape(loss_metrics_grads, params, jax.tree.map(lambda x: x[0], micro), totals, frozen,
-                                first_key)
+        shapes = jax.eval_shape(loss_metrics_grads, trained, jax.tree.map(lambda x: x[0], micro), totals, frozen,
+                                first_key, num_items)
         loss, metrics, grads = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
         if state_shardings is not None:  # the float32 sum lives where its params live
-            grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
+            grads = jax.lax.with_sharding_constraint(grads, trained_shardings(state_shardings, with_critic))
         (loss, metrics, grads), _ = jax.lax.scan(add, (loss, metrics, grads), (micro, keys))
-        return loss, metrics, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        return loss, metrics, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trained)
 
-    def update_step(state: TrainState, minibatch: Batch, frozen=None):
+    def update_step(state: TrainState, minibatch: Batch, frozen=None, num_items=None):
         state, key = dropout_key(state, spec)
-        loss, metrics, grads = accumulated_grads(state.params, minibatch, frozen, key)
-        grad_norm = optax.tree.norm(grads)
+        trained = (state.params, state.critic_params) if with_critic else state.params
+        loss, metrics, grads = accumulated_grads(trained, minibatch, frozen, key, num_items)
+        policy_grads, critic_grads = grads if with_critic else (grads, None)
+        grad_norm = optax.tree.norm(policy_grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=grad_norm)
+        if with_critic:
+            metrics["value/grad_norm"] = optax.tree.norm(critic_grads)
+            finite = finite & jnp.isfinite(metrics["value/grad_norm"])
         # a non-finite loss or gradient leaves the state untouched; the caller counts it
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        updates, opt_state = optimizer.update(policy_grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
         state = state.replace(params=keep(new_params, state.params), opt_state=keep(opt_state, state.opt_state))
-        metrics = dict(metrics, grad_norm=grad_norm, update_skipped=(~finite).astype(jnp.float32))
+        if with_critic:
+            updates, critic_opt = critic.optimizer.update(critic_grads, state.critic_opt_state, state.critic_params)
+            new_critic = optax.apply_updates(state.critic_params, updates)
+            state = state.replace(critic_params=keep(new_critic, state.critic_params),
+                                  critic_opt_state=keep(critic_opt, state.critic_opt_state))
+        metrics["update_skipped"] = (~finite).astype(jnp.float32)
         return state, metrics
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
     return Steps(reference_and_old_logps, jax.jit(update_step, donate_argnums=0, out_shardings=out_shardings))
+
+
+def trained_shardings(state_shardings: TrainState, with_critic: bool):
+    """Where an update's trained params (and their gradients) live: the policy's, and under PPO the critic's."""
+    return (state_shardings.params, state_shardings.critic_params) if with_critic else state_shardings.params
+
+
+def ppo_batch(batch: Batch, scores: jax.Array, cfg: Config) -> tuple[Batch, dict]:
+    """PPO's advantage stage (jit it): the batch with per-token GAE advantages and returns from the task scores [R]
+    and the log-probs and values `reference_and_old_logps` filled in; and the stage's metrics."""
+    settings = ppo.AdvantageSettings.from_config(cfg)
+    out = ppo.ppo_advantages(scores, batch.old_logp, batch.ref_logp, batch.old_values, batch.completion_mask,
+                             settings)
+    mask = batch.completion_mask
+    per_row = jnp.sum(jnp.abs(out.advantages), axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1)
+    metrics = {"value/explained_variance": ppo.explained_variance(batch.old_values, out.returns, mask),
+               "ppo/non_score_reward": jnp.mean(jnp.sum(jnp.where(mask, out.rewards, 0.0), axis=1)
+                                                - jnp.where(jnp.any(mask, axis=1), scores, 0.0))}
+    return batch._replace(advantages=out.advantages, returns=out.returns), dict(metrics, advantage_rows=per_row)
 
 
 def _mesh_of(shardings):
@@ -356,9 +440,10 @@ def train_flops(config, rows: int, seq_len: int, cfg: Config) -> float:
     """Model FLOPs of one GRPO update phase: forward+backward per pass, plus the no-grad forwards
     (the adapters' own FLOPs left out: rank / hidden of the whole)."""
     forward = config.forward_flops_per_token(seq_len) * rows * seq_len
-    extra = (cfg.grpo.beta != 0) + (not is_on_policy(cfg))
+    extra = (cfg.grpo.beta != 0) + (is_ppo(cfg) or not is_on_policy(cfg))
     passes = 2 if cfg.model.lora_rank else 3  # LoRA's backward pass skips the weights' gradients
-    return forward * (passes * cfg.grpo.num_iterations + extra)
+    critic = 4 * cfg.grpo.num_iterations if is_ppo(cfg) else 0  # its values (1), then forward + backward per pass
+    return forward * (passes * cfg.grpo.num_iterations + extra + critic)
 
 
 def minibatch_order(seed: int, step: int, iteration: int, rows: int) -> np.ndarray:
@@ -377,6 +462,11 @@ def permute_rows(batch: Batch, order: np.ndarray) -> Batch:
     shardings = jax.tree.map(lambda x: x.sharding, batch)
     placed = distributed.global_batch(np.asarray(order, np.int32), sharding.replicated(leaves[0].sharding.mesh))
     return _permute_program(shardings)(batch, placed)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _tokens_per_minibatch(mask: jax.Array, minibatches: int) -> jax.Array:
+    return jnp.sum(mask.astype(jnp.float32)) / minibatches
 
 
 @functools.lru_cache(maxsize=None)
@@ -398,6 +488,8 @@ def train_on_batch(state: TrainState, batch: Batch, update_step, cfg: Config, sh
     shuffle = shuffle_seed is not None and cfg.grpo.num_minibatches > 1
     if shuffle and batch.source_row is not None:
         raise ValueError("a packed batch keeps its row order (grpo.pack_sequences needs num_minibatches = 1)")
+    # dapo / cispo normalise every update by the generation batch's tokens / num_minibatches (TRL's num_items_in_batch)
+    num_items = _tokens_per_minibatch(batch.completion_mask, cfg.grpo.num_minibatches)
     collected = []
     for iteration in range(cfg.grpo.num_iterations):
         rows_in_order = permute_rows(batch, minibatch_order(*shuffle_seed, iteration, rows)) if shuffle else batch
@@ -406,11 +498,11 @@ def train_on_batch(state: TrainState, batch: Batch, update_step, cfg: Config, sh
             # static slices: no index array to place (multi-process arrays mix only with global ones)
             whole = per_minibatch == rows
             minibatch = rows_in_order if whole else jax.tree.map(lambda x, r=rows_m: x[r], rows_in_order)
-            state, metrics = update_step(state, minibatch)
+            state, metrics = update_step(state, minibatch, num_items=num_items)
             collected.append(metrics)
     # averaged on the host (the caller logs them): no eager multi-device ops between the updates' programs
     collected = [jax.device_get(m) for m in collected]
-    averaged = {k: np.mean([m[k] for m in collected]) for k in collected[0]}
+    averaged = {k: (np.max if k.endswith("/max") else np.mean)([m[k] for m in collected]) for k in collected[0]}
     averaged["update_skipped"] = np.sum([m["update_skipped"] for m in collected])
     step = jax.device_put(state.step + 1, state.step.sharding)  # keep the layout the jitted steps expect
     return state.replace(step=step), averaged

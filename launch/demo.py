@@ -52,7 +52,8 @@ def main(args) -> int:
     model_dir = run_sft(cfg, sft_dir)
     t_sft = time.perf_counter() - t_sft
 
-    print(f"\n[3/3] GRPO: {cfg.run.steps} steps, reward = {' + '.join(_weighted(cfg.rewards))}", flush=True)
+    algorithm = cfg.run.algorithm.upper()  # --run.algorithm=ppo runs the same demo with PPO and a critic
+    print(f"\n[3/3] {algorithm}: {cfg.run.steps} steps, reward = {' + '.join(_weighted(cfg.rewards))}", flush=True)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model_dir)),
                               run=dataclasses.replace(cfg.run, output_dir=str(grpo_dir)))
     t_grpo = time.perf_counter()
@@ -62,15 +63,15 @@ def main(args) -> int:
         return 0
 
     print()
-    print(results_table(summary["before"], summary["after"], summary["history"]))
-    print(f"\nwall time {time.perf_counter() - t0:.0f} s (warm start {t_sft:.0f} s, GRPO with its evaluations "
+    print(results_table(summary["before"], summary["after"], summary["history"], algorithm))
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s (warm start {t_sft:.0f} s, {algorithm} with its evaluations "
           f"{t_grpo:.0f} s)")
     print("outputs:")
     print(f"  {grpo_dir / 'metrics.jsonl'}  (every step's metrics; `python -m launch plot {grpo_dir}` redraws)")
     for plot in summary["plots"]:
         print(f"  {plot}")
     print(f"  {grpo_dir / 'checkpoints'}  (`python -m launch export --run {grpo_dir} --out DIR` -> HF folder)")
-    print(f"  {model_dir}  (the warm-started model, before GRPO)")
+    print(f"  {model_dir}  (the warm-started model, before {algorithm})")
     return 0
 
 
@@ -79,12 +80,12 @@ def _weighted(rewards_cfg) -> list[str]:
     return [f"{w:g} x {name}" for name, w in zip(rewards_cfg.functions, weights) if w]
 
 
-def results_table(before: dict, after: dict, history: list[dict]) -> str:
-    """Held-out metrics before and after GRPO, and the training reward at the start and the end."""
+def results_table(before: dict, after: dict, history: list[dict], algorithm: str = "GRPO") -> str:
+    """Held-out metrics before and after RL, and the training reward at the start and the end."""
     rows = [("held-out accuracy (greedy)", "eval/pass@1", "{:.1%}"),
             ("answers that are a bare number", "eval/number_only", "{:.1%}"),
             ("mean completion length (tokens)", "eval/mean_length", "{:.2f}")]
-    lines = [f"{'':34}{'before GRPO':>14}{'after GRPO':>14}{'change':>10}"]
+    lines = [f"{'':34}{'before ' + algorithm:>14}{'after ' + algorithm:>14}{'change':>10}"]
     for label, key, fmt in rows:
         if key in before and key in after:
             b, a = before[key], after[key]
@@ -96,5 +97,5 @@ def results_table(before: dict, after: dict, history: list[dict]) -> str:
         first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
         lines.append(f"{f'training reward (mean of {k} steps)':34}{first:>14.3f}{last:>14.3f}{last - first:>+10.3f}")
     n = int(after.get("eval/examples", before.get("eval/examples", 0)))
-    lines.append(f"({n} held-out problems, never seen in the warm start or in GRPO)")
+    lines.append(f"({n} held-out problems, never seen in the warm start or in {algorithm})")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
   python -m launch export --run RUN_DIR [--step N | --best] --out HFDIR [--dtype bfloat16]
   python -m launch export --run LORA_RUN_DIR [--lora-format peft | --merge] --out DIR
+  python -m launch export --run PPO_RUN_DIR --critic --out HFDIR
   python -m launch export --checkpoint DIR --out HFDIR [--dtype bfloat16] [--max-shard-size 2GB]
 
 RUN_DIR is a training run's output dir (its newest checkpoint, a given step, or the
@@ -10,7 +11,9 @@ convert` (params/, model_config.json, tokenizer/). HFDIR loads with
 transformers.AutoModelForCausalLM / AutoTokenizer. A LoRA run (model.lora_rank > 0)
 writes its adapters as a PEFT folder (the default, `--lora-format peft`: loads with
 peft.PeftModel.from_pretrained onto the base), or with `--merge` base + adapters summed
-as a whole HF folder.
+as a whole HF folder. `--critic` writes a PPO run's critic instead, as an HF
+*ForSequenceClassification folder with one label (transformers' AutoModelForSequenceClassification,
+TRL's value model; `ppo.critic_path` starts a critic from one).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a LoRA run: its adapters as a PEFT folder (default), or merged into a whole HF folder")
     parser.add_argument("--merge", action="store_true", help="a LoRA run: write base + adapters merged (= "
                         "--lora-format merged)")
+    parser.add_argument("--critic", action="store_true", help="a PPO run: write its critic (value model) instead "
+                        "of the policy")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -68,8 +73,10 @@ def export_run(args: argparse.Namespace) -> int:
     if fmt is not None and not cfg.model.lora_rank:
         raise ValueError(f"--lora-format / --merge: {run} trained the whole model (model.lora_rank=0), not LoRA "
                          "adapters; export it without them")
-    params, step = checkpoint_params(run, args.step, args.best)
     tokenizer = cfg.model.tokenizer or model_source(cfg.model.path).default_tokenizer()
+    if args.critic:
+        return export_critic(args, cfg, tokenizer)
+    params, step = checkpoint_params(run, args.step, args.best)
     if cfg.model.lora_rank and fmt != "merged":
         out = save_peft(args.out, params, LoraSpec.from_config(cfg.model), model_config(cfg.model),
                         base_model=cfg.model.path)
@@ -81,4 +88,21 @@ def export_run(args: argparse.Namespace) -> int:
     out = export_hf(params, model_config(cfg.model), args.out, tokenizer=tokenizer, max_shard_size=args.max_shard_size,
                     dtype=args.dtype)
     print(f"wrote Hugging Face folder {out} from {run} step {step}")
+    return 0
+
+
+def export_critic(args: argparse.Namespace, cfg, tokenizer) -> int:
+    from grpo_jax.checkpoint import checkpoint_params
+    from grpo_jax.critic import critic_config
+    from grpo_jax.models.hf import export_hf
+    from grpo_jax.policy import model_config
+
+    if cfg.run.algorithm != "ppo":
+        raise ValueError(f"--critic: {args.run} ran run.algorithm={cfg.run.algorithm}, which trains no critic")
+    critic, step = checkpoint_params(args.run, args.step, args.best, part="critic_params")
+    source = cfg.model if cfg.ppo.critic_path is None else dataclasses.replace(cfg.model, path=cfg.ppo.critic_path)
+    out = export_hf(critic["decoder"], critic_config(model_config(source)), args.out, tokenizer=tokenizer,
+                    max_shard_size=args.max_shard_size, dtype=args.dtype, value_head=critic["score"])
+    print(f"wrote the critic of {args.run} step {step} as a Hugging Face value model (ForSequenceClassification) "
+          f"{out}")
     return 0

@@ -31,25 +31,38 @@ def np_advantages(r, G, scale, eps):
     return np.concatenate(out)
 
 
-def np_policy_loss(logp, old, ref, adv, mask, cfg, num_items=None, max_len=None):
+def np_policy_loss(logp, old, ref, adv, mask, cfg, num_items=None, max_len=None, sampler=None):
+    """TRL 1.16 GRPOTrainer._compute_loss, one token at a time; adv [B] or [B, N] (PPO's per-token)."""
     logp, old, adv, mask = (np.asarray(x, np.float64) for x in (logp, old, adv, mask))
     B, N = logp.shape
+    adv = np.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, (B, N))
     eps_lo, eps_hi = cfg.epsilon, cfg.epsilon_upper
     losses = np.zeros((B, N))
     ratios = np.zeros((B, N))
     for b in range(B):
         n_tok = max(mask[b].sum(), 1.0)
         seq_log_ratio = sum((logp[b, t] - old[b, t]) for t in range(N) if mask[b, t]) / n_tok
+        seq_sampler_diff = 0.0 if sampler is None else sum(old[b, t] - sampler[b, t] for t in range(N) if mask[b, t])
         for t in range(N):
             lr = seq_log_ratio if cfg.importance_sampling_level == "sequence" else logp[b, t] - old[b, t]
             r = np.exp(lr)
             ratios[b, t] = r
-            clipped = min(max(r, 1 - eps_lo), 1 + eps_hi)
-            unclipped = r if cfg.delta is None else min(r, cfg.delta)
-            loss = -min(unclipped * adv[b], clipped * adv[b])
+            if cfg.loss_type == "cispo":
+                weight = min(r, cfg.cispo_epsilon_high)
+                if cfg.cispo_epsilon_low is not None:
+                    weight = max(weight, 1 - cfg.cispo_epsilon_low)
+                loss = -weight * adv[b, t] * logp[b, t]
+            else:
+                clipped = min(max(r, 1 - eps_lo), 1 + eps_hi)
+                unclipped = r if cfg.delta is None else min(r, cfg.delta)
+                loss = -min(unclipped * adv[b, t], clipped * adv[b, t])
+            if cfg.tis_cap is not None:
+                diff = seq_sampler_diff if cfg.tis_level == "sequence" else old[b, t] - sampler[b, t]
+                loss *= min(np.exp(diff), cfg.tis_cap)
             if cfg.beta:
                 d = ref[b, t] - logp[b, t]
-                loss += cfg.beta * (np.exp(d) - d - 1)
+                kl = np.exp(d) - d - 1
+                loss += cfg.beta * kl * (r if cfg.use_bias_correction_kl else 1.0)
             losses[b, t] = loss * mask[b, t]
     if cfg.loss_type == "grpo":
         return np.mean([losses[b].sum() / max(mask[b].sum(), 1) for b in range(B)]), ratios
@@ -167,33 +180,60 @@ CASES = [
     for lt in ("grpo", "bnpo", "dr_grpo", "dapo")
     for beta, lvl, eh, delta in [(0.0, "token", None, None), (0.04, "token", 0.28, None),
                                  (0.04, "sequence", None, None), (0.1, "token", None, 1.5)]
+] + [  # CISPO, the KL's bias correction, truncated importance sampling, PPO's per-token advantages
+    dict(loss_type="cispo", beta=0.0, cispo_epsilon_high=1.1),
+    dict(loss_type="cispo", beta=0.04, importance_sampling_level="sequence", cispo_epsilon_high=1.05,
+         cispo_epsilon_low=0.1),
+    dict(loss_type="bnpo", beta=0.1, use_bias_correction_kl=True),
+    dict(loss_type="grpo", beta=0.04, importance_sampling_level="sequence", use_bias_correction_kl=True),
+    dict(loss_type="dapo", beta=0.04, tis_cap=1.2),
+    dict(loss_type="cispo", beta=0.0, tis_cap=1.5, tis_level="sequence"),
+    dict(loss_type="bnpo", beta=0.0, token_advantages=True),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
 def test_policy_loss_matches_numpy_reference(case):
+    case = dict(case)
+    token_advantages = case.pop("token_advantages", False)
     cfg = dataclasses.replace(GRPOConfig(), **case)
-    logp, old, ref, adv, mask = random_batch(hash(tuple(case.values())) % 1000)
-    kwargs = {}
-    if cfg.loss_type == "dapo":
+    logp, old, ref, adv, mask = random_batch(sum(map(ord, str(case))) % 1000)
+    rng = np.random.default_rng(len(str(case)))
+    if token_advantages:
+        adv = rng.standard_normal(mask.shape).astype(np.float32)
+    sampler = (old + 0.1 * rng.standard_normal(old.shape)).astype(np.float32)
+    kwargs = {"sampler_logp": sampler}
+    if cfg.loss_type in ("dapo", "cispo"):
         kwargs["num_items_in_batch"] = float(mask.sum() * 3)  # as if two more minibatches
     if cfg.loss_type == "dr_grpo":
         kwargs["max_completion_length"] = 10
     loss, metrics = jax.jit(lambda *a: policy_loss(*a, cfg, **kwargs))(logp, old, ref, adv, mask)
     want, ratios = np_policy_loss(logp, old, ref, adv, mask, cfg, kwargs.get("num_items_in_batch"),
-                                  kwargs.get("max_completion_length"))
+                                  kwargs.get("max_completion_length"), sampler)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-7)
     # clip metrics
     m = mask.astype(bool)
-    low = (ratios < 1 - cfg.epsilon) & (adv[:, None] < 0)
-    high = (ratios > 1 + cfg.epsilon_upper) & (adv[:, None] > 0)
-    np.testing.assert_allclose(float(metrics["clip_ratio/low"]), low[m].mean(), rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["clip_ratio/high"]), high[m].mean(), rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["clip_ratio/region"]), (low | high)[m].mean(), rtol=1e-5)
+    a = adv[:, None] if adv.ndim == 1 else adv
+    if cfg.loss_type == "cispo":
+        np.testing.assert_allclose(float(metrics["clip_ratio/cispo"]),
+                                   ((ratios > cfg.cispo_epsilon_high) & (a > 0))[m].mean(), rtol=1e-5)
+    else:
+        low = (ratios < 1 - cfg.epsilon) & (a < 0)
+        high = (ratios > 1 + cfg.epsilon_upper) & (a > 0)
+        np.testing.assert_allclose(float(metrics["clip_ratio/low"]), low[m].mean(), rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["clip_ratio/high"]), high[m].mean(), rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["clip_ratio/region"]), (low | high)[m].mean(), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["ratio"]), ratios[m].mean(), rtol=1e-5)
+    # the sampler-trainer drift (old against the sampler's log-probs), as TRL's sampling/* metrics
+    diff = (old - sampler).astype(np.float64)[m]
+    np.testing.assert_allclose(float(metrics["sampling/logp_difference/mean"]), np.abs(diff).mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["sampling/logp_difference/max"]), np.abs(diff).max(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["sampling/ratio/max"]), np.exp(diff).max(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["sampling/kl"]), (np.exp(diff) - diff - 1).mean(), rtol=1e-4)
     if cfg.beta:
         d = (ref - logp).astype(np.float64)
-        np.testing.assert_allclose(float(metrics["kl"]), (np.exp(d) - d - 1)[m].mean(), rtol=1e-5)
+        kl = (np.exp(d) - d - 1) * (ratios if cfg.use_bias_correction_kl else 1.0)
+        np.testing.assert_allclose(float(metrics["kl"]), kl[m].mean(), rtol=1e-5)
     else:
         assert "kl" not in metrics
 
@@ -236,12 +276,13 @@ def test_on_policy_gradient_is_reinforce(loss_type):
     np.testing.assert_allclose(grad, reinforce, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", [CASES[i] for i in (1, 2, 3, 6, 14)], ids=str)
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 2, 3, 6, 14, 18, 19, 20)], ids=str)
 def test_gradient_matches_finite_differences_float64(case):
     with jax.enable_x64(True):
         cfg = dataclasses.replace(GRPOConfig(), **case)
         logp, old, ref, adv, mask = (jnp.asarray(x, jnp.float64) for x in random_batch(21, B=3, N=4))
-        f = lambda lp: policy_loss(lp, old, ref, adv, mask, cfg)[0]
+        sampler = old + 0.1 * jnp.asarray(np.random.default_rng(2).standard_normal(old.shape))
+        f = lambda lp: policy_loss(lp, old, ref, adv, mask, cfg, sampler_logp=sampler)[0]
         g = np.asarray(jax.grad(f)(logp), np.float64)
         assert f(logp).dtype == jnp.float64
         h = 1e-6

@@ -79,6 +79,25 @@ def test_plan_counts_lora_base_adapters_and_no_reference(tiny_model):
     assert set(lora["programs"]) == {"rollout", "logps", "update"}
 
 
+def test_plan_counts_the_critic_of_ppo(tiny_model):
+    """PPO (G = 1, the same rows): the critic (the policy's weights without its lm_head, + a [D] head) and its
+    Adam state are resident beside the policy's; the log-prob program runs (old log-probs and values) on-policy too."""
+    grpo = json.loads(run_plan("--model.path", str(tiny_model), "--mesh.fsdp=8", *TINY_RUN, "--grpo.beta=0",
+                               "--json").stdout)
+    ppo = json.loads(run_plan("--model.path", str(tiny_model), "--mesh.fsdp=8", *TINY_RUN, "--grpo.beta=0",
+                              "--run.algorithm=ppo", "--rollout.group_size=1",
+                              f"--data.batch_size={grpo['batch']['rows']}", "--json").stdout)
+    d, g = ppo["per_device_bytes"], grpo["per_device_bytes"]
+    assert "critic_params" not in g and ppo["batch"]["rows"] == grpo["batch"]["rows"]
+    hidden, vocab = ppo["model"]["hidden"], ppo["model"]["vocab"]
+    # float32: the policy less its (untied) lm_head, plus the [D] value head
+    assert ppo["total_bytes"]["critic_params"] == ppo["total_bytes"]["params"] - 4 * hidden * vocab + 4 * hidden
+    assert d["resident_state"] > g["resident_state"] + d["critic_params"]
+    assert ppo["training"].startswith("PPO: full fine-tuning") and "critic" in ppo["training"]
+    assert "logps" in ppo["programs"] and "logps" not in grpo["programs"]
+    assert ppo["programs"]["update"]["peak"] > grpo["programs"]["update"]["peak"]
+
+
 def test_plan_table_output(tiny_model):
     p = run_plan("--model.path", str(tiny_model), "--mesh.fsdp=4", *TINY_RUN, "--grpo.beta=0",
                  "--programs=update", "--device-memory-gib=0.001")

@@ -49,8 +49,9 @@ def mesh_args(data, fsdp, tensor):
 # ---------------------------------------------------------------- one step on each mesh (in this process)
 
 
-def one_step(model_dir, run_dir, mesh, monkeypatch):
-    """Run.step(0) on `mesh` (None: 1 device); returns sampled tokens, metrics and updated params (numpy)."""
+def one_step(model_dir, run_dir, mesh, monkeypatch, *extra):
+    """Run.step(0) on `mesh` (None: 1 device); returns sampled tokens, metrics and updated params (numpy; with
+    PPO's critic's)."""
     import jax
 
     from grpo_jax import sharding
@@ -60,7 +61,7 @@ def one_step(model_dir, run_dir, mesh, monkeypatch):
     if mesh is None:
         monkeypatch.setattr(sharding, "make_mesh", functools.partial(sharding.make_mesh, devices=jax.devices()[:1]))
         mesh = (1, 1, 1)
-    run = Run(load_config(None, small_config(model_dir, run_dir, *mesh_args(*mesh))))
+    run = Run(load_config(None, small_config(model_dir, run_dir, *mesh_args(*mesh), *extra)))
     try:
         assert run.mesh.devices.size == int(np.prod(mesh))
         sample, enc_out = run.policy.sample, {}
@@ -72,7 +73,7 @@ def one_step(model_dir, run_dir, mesh, monkeypatch):
 
         run.policy.sample = recording_sample
         metrics = run.step(0)
-        params = jax.tree.map(np.asarray, jax.device_get(run.state.params))
+        params = jax.tree.map(np.asarray, jax.device_get((run.state.params, run.state.critic_params)))
     finally:
         run.close()
         monkeypatch.undo()
@@ -91,6 +92,23 @@ def test_one_grpo_step_is_the_same_on_every_mesh(tiny_model, tmp_path, monkeypat
             np.testing.assert_allclose(m[key], metrics[key], rtol=1e-5, atol=1e-7, err_msg=f"{key} on mesh {mesh}")
         for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f"params on mesh {mesh}")
+
+
+def test_one_ppo_step_is_the_same_on_one_and_eight_devices(tiny_model, tmp_path, monkeypatch):
+    """PPO's step (critic values, GAE whitened over the global batch, policy + value losses) on 1 device and
+    on data x fsdp x tensor = 2 x 2 x 2."""
+    import jax
+
+    ppo = ("--run.algorithm=ppo", "--rollout.group_size=1", "--data.batch_size=32", "--grpo.beta=0.05")
+    tokens, metrics, params = one_step(tiny_model, tmp_path / "one", None, monkeypatch, *ppo)
+    assert metrics["grad_norm"] > 0 and metrics["value/grad_norm"] > 0
+    t, m, p = one_step(tiny_model, tmp_path / "eight", (2, 2, 2), monkeypatch, *ppo)
+    np.testing.assert_array_equal(t, tokens)
+    for key in ("loss", "grad_norm", "value/loss", "value/grad_norm", "advantage/abs_mean", "ppo/non_score_reward"):
+        np.testing.assert_allclose(m[key], metrics[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert len(jax.tree.leaves(p)) == len(jax.tree.leaves(params)) > len(jax.tree.leaves(params[0]))  # + the critic
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- two processes (jax.distributed over loopback)

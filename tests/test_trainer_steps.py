@@ -143,3 +143,20 @@ def test_schedules_warm_up_then_decay(schedule):
     assert float(lr(10)) == pytest.approx(1.0)
     if schedule != "constant":
         assert float(lr(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dapo_divides_every_minibatch_by_the_generation_batch_tokens_over_the_minibatches():
+    """TRL's num_items_in_batch: with 2 minibatches of 3 and 9 tokens, each update's dapo loss is its token sum over
+    (12 / 2), not over its own count (which would make dapo bnpo). lr 0: both updates see the same policy."""
+    cfg = load_config(None, ["--grpo.beta=0", "--grpo.loss_type=dapo", "--grpo.num_minibatches=2",
+                             "--data.batch_size=1", "--optim.learning_rate=0", "--optim.optimizer=sgd"])
+    optimizer = make_optimizer(cfg.optim, 10)
+    state = init_train_state({"table": jnp.zeros((V, V))}, optimizer, jax.random.PRNGKey(0), keep_reference=False)
+    steps_fns = make_steps(forward, optimizer, cfg)
+    lengths = np.array([1, 1, 1, 0, 3, 3, 2, 1])
+    mask = np.arange(3)[None] < lengths[:, None]
+    adv = np.linspace(-1, 1, 8).astype(np.float32)
+    batch = assemble_batch(np.ones((8, 2), int), np.ones((8, 2), bool), np.ones((8, 3), int), mask, adv)
+    _, metrics = train_on_batch(state, steps_fns[0](state, batch), steps_fns[1], cfg)
+    sums = [-(adv[rows, None] * mask[rows]).sum() for rows in (slice(0, 4), slice(4, 8))]
+    np.testing.assert_allclose(metrics["loss"], np.mean(sums) / (mask.sum() / 2), rtol=1e-5)

@@ -43,6 +43,8 @@ ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
 }
 
+SCORE_HEAD = "score.weight"  # a value model's head (*ForSequenceClassification, one label): [1, D]
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -709,12 +711,15 @@ def export_hf(
     tokenizer=None,
     max_shard_size: int | str = "2GB",
     dtype: Any = None,
+    value_head: Any = None,
 ) -> Path:
     """Write an HF folder: safetensors (sharded with an index above max_shard_size), config.json, tokenizer.
 
     params_or_state: the model, its ``nnx.State`` or the pure param dict. tokenizer: a
     transformers tokenizer (saved with ``save_pretrained``), a folder to copy tokenizer
     files from, or None. dtype: stored dtype (default: the params' dtype).
+    value_head: a [D] vector: write a value model instead, an ``*ForSequenceClassification`` with one
+    label whose ``score.weight`` it is (PPO's critic, as TRL loads one; the config must be tied: no lm_head).
     """
     c = model_config
     out = Path(out_dir)
@@ -742,6 +747,11 @@ def export_hf(
         else:
             name = template if template.startswith("lm_head") else "model." + template
             plan.append((name, path, None, kind, math.prod(arr.shape) * np_dtype.itemsize))
+    if value_head is not None:
+        if not c.tie_word_embeddings:
+            raise ValueError("a value model has no lm_head: export it with a tied config (critic.critic_config)")
+        flat[("score",)] = np.asarray(jax.device_get(value_head)).reshape(1, -1)
+        plan.append((SCORE_HEAD, ("score",), None, "score", flat[("score",)].size * np_dtype.itemsize))
     limit = _parse_size(max_shard_size)
     shards: list[list] = [[]]
     size = 0
@@ -771,13 +781,17 @@ def export_hf(
         for name, path, layer, kind, _ in items:
             arr = host(path)
             arr = arr[layer] if layer is not None else arr
-            tensors[name] = np.ascontiguousarray(to_hf_layout(arr, kind)).astype(np_dtype)
+            arr = arr if kind == "score" else to_hf_layout(arr, kind)
+            tensors[name] = np.ascontiguousarray(arr).astype(np_dtype)
             weight_map[name] = fname
         save_safetensors(out / fname, tensors)
     if n > 1:
         index = {"metadata": {"total_size": sum(p[4] for p in plan)}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     hf_cfg = hf_config_from(c, torch_dtype=torch_dtype)
+    if value_head is not None:
+        hf_cfg.update(architectures=[hf_cfg["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")],
+                      id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
     if tokenizer is not None:
         if isinstance(tokenizer, (str, os.PathLike)):
