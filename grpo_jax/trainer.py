@@ -464,6 +464,12 @@ def permute_rows(batch: Batch, order: np.ndarray) -> Batch:
     return _permute_program(shardings)(batch, placed)
 
 
+@functools.lru_cache(maxsize=None)
+def _rows_program(start: int, size: int):
+    """Rows start .. start + size of every leaf of a batch, jitted once per slice."""
+    return jax.jit(lambda batch: jax.tree.map(lambda x: jax.lax.slice_in_dim(x, start, start + size), batch))
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _tokens_per_minibatch(mask: jax.Array, minibatches: int) -> jax.Array:
     return jnp.sum(mask.astype(jnp.float32)) / minibatches
@@ -494,10 +500,10 @@ def train_on_batch(state: TrainState, batch: Batch, update_step, cfg: Config, sh
     for iteration in range(cfg.grpo.num_iterations):
         rows_in_order = permute_rows(batch, minibatch_order(*shuffle_seed, iteration, rows)) if shuffle else batch
         for m in range(cfg.grpo.num_minibatches):
-            rows_m = slice(m * per_minibatch, (m + 1) * per_minibatch)
-            # static slices: no index array to place (multi-process arrays mix only with global ones)
+            # static slices in one compiled program: no index array to place (multi-process arrays mix only
+            # with global ones) and no eager op per leaf
             whole = per_minibatch == rows
-            minibatch = rows_in_order if whole else jax.tree.map(lambda x, r=rows_m: x[r], rows_in_order)
+            minibatch = rows_in_order if whole else _rows_program(m * per_minibatch, per_minibatch)(rows_in_order)
             state, metrics = update_step(state, minibatch, num_items=num_items)
             collected.append(metrics)
     # averaged on the host (the caller logs them): no eager multi-device ops between the updates' programs
