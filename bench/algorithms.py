@@ -66,7 +66,7 @@ def run_steps(w: common.Workload, algorithm: str, steps: int) -> dict:
     from bench.grpo_step import model_config, run_config
     from grpo_jax import sharding
     from grpo_jax.config import PPOConfig, RunConfig
-    from grpo_jax.critic import critic_config, without_unembedding
+    from grpo_jax.critic import critic_from_policy
     from grpo_jax.models import transformer
     from grpo_jax.objective import group_advantages
     from grpo_jax.optim import make_critic_optimizer, make_optimizer
@@ -87,12 +87,10 @@ def run_steps(w: common.Workload, algorithm: str, steps: int) -> dict:
     decoder = transformer.Decoder(config)
     optimizer = make_optimizer(cfg.optim, steps)
     critic = critic_params = critic_shardings = None
-    if ppo:  # as critic.load_critic does from the policy: a copy of its weights, a zero value head
-        rep = sharding.replicated(mesh)
-        critic_params = {"decoder": jax.tree.map(jnp.copy, without_unembedding(params)),
-                         "score": jax.device_put(jnp.zeros((config.hidden_size,)), rep)}
-        critic_shardings = jax.tree.map(lambda x: x.sharding, critic_params)
-        critic = CriticModel(transformer.Decoder(critic_config(config)), make_critic_optimizer(cfg, steps))
+    if ppo:  # as a run starts it (critic.load_critic): a copy of the policy's weights, a zero value head
+        start = critic_from_policy(config, params, mesh)
+        critic_params, critic_shardings = start.params, start.shardings
+        critic = CriticModel(start.decoder, make_critic_optimizer(cfg, steps))
     state = init_train_state(params, optimizer, jax.random.PRNGKey(common.SEED), keep_reference=w.beta != 0,
                              critic_params=critic_params, critic_optimizer=critic and critic.optimizer)
     state_shardings = sharding.train_state_shardings(state, optimizer, jax.tree.map(lambda x: x.sharding, params),

@@ -46,25 +46,31 @@ def load_critic(cfg: Config, policy: Policy) -> Critic:
     or a copy of the policy's; a head without weights to start from starts at 0 (values 0: the first
     advantages are the returns themselves)."""
     path = cfg.ppo.critic_path
-    head = None
     if path is None:
-        config = critic_config(policy.config)
-        decoder = jax.tree.map(jnp.copy, without_unembedding(policy.params))
-    else:
-        source = model_source(path)
-        overrides = cfg.model.decoder_overrides()
-        if source.kind == "hf":
-            overrides["tie_word_embeddings"] = True  # lm_head (absent from a value model) is not read
-        config, decoder = load_weights(source, policy.mesh, overrides)
-        config, decoder = critic_config(config), without_unembedding(decoder)
-        if config.vocab_size != policy.config.vocab_size:
-            raise ConfigError(f"ppo.critic_path={path}: its vocabulary has {config.vocab_size} tokens, the policy's "
-                              f"{policy.config.vocab_size}; the critic reads the policy's token ids")
-        head = read_score_head(Path(source.path), config.hidden_size) if source.local else None
+        return critic_from_policy(policy.config, policy.params, policy.mesh)
+    source = model_source(path)
+    overrides = cfg.model.decoder_overrides()
+    if source.kind == "hf":
+        overrides["tie_word_embeddings"] = True  # lm_head (absent from a value model) is not read
+    config, decoder = load_weights(source, policy.mesh, overrides)
+    config, decoder = critic_config(config), without_unembedding(decoder)
+    if config.vocab_size != policy.config.vocab_size:
+        raise ConfigError(f"ppo.critic_path={path}: its vocabulary has {config.vocab_size} tokens, the policy's "
+                          f"{policy.config.vocab_size}; the critic reads the policy's token ids")
+    head = read_score_head(Path(source.path), config.hidden_size) if source.local else None
+    return make_critic(config, decoder, head, policy.mesh)
+
+
+def critic_from_policy(config: transformer.TransformerConfig, params: dict, mesh) -> Critic:
+    """A critic that starts as a copy of the policy's decoder (params placed on `mesh`) with a zero head."""
+    return make_critic(critic_config(config), jax.tree.map(jnp.copy, without_unembedding(params)), None, mesh)
+
+
+def make_critic(config: transformer.TransformerConfig, decoder: dict, head, mesh) -> Critic:
+    """The Critic of a (tied) decoder config and its params, with the [D] head `head` (None: zeros), replicated."""
     dtype = config.param_jnp_dtype
-    rep = sharding.replicated(policy.mesh)
     score = jnp.zeros((config.hidden_size,), dtype) if head is None else jnp.asarray(head, dtype)
-    params = {"decoder": decoder, "score": jax.device_put(score, rep)}
+    params = {"decoder": decoder, "score": jax.device_put(score, sharding.replicated(mesh))}
     return Critic(transformer.Decoder(config), params, jax.tree.map(lambda x: x.sharding, params))
 
 

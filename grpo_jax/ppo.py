@@ -20,6 +20,12 @@ from grpo_jax.config import KL_ESTIMATORS, Config
 from grpo_jax.objective import StepTotals, k3_kl
 
 
+def kl_in_reward(cfg: Config) -> bool:
+    """Whether grpo.beta's KL is a per-token reward (run.algorithm=ppo, ppo.kl_penalty=reward) rather than the
+    loss's k3 term."""
+    return cfg.run.algorithm == "ppo" and cfg.ppo.kl_penalty == "reward"
+
+
 class AdvantageSettings(NamedTuple):
     """What the advantage stage reads of a config (`ppo_advantages`)."""
 
@@ -33,7 +39,7 @@ class AdvantageSettings(NamedTuple):
     @classmethod
     def from_config(cls, cfg: Config) -> "AdvantageSettings":
         p = cfg.ppo
-        return cls(cfg.grpo.beta if p.kl_penalty == "reward" else 0.0, p.kl_estimator, p.gamma, p.lam,
+        return cls(cfg.grpo.beta if kl_in_reward(cfg) else 0.0, p.kl_estimator, p.gamma, p.lam,
                    p.whiten_rewards, p.whiten_advantages)
 
 

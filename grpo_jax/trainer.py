@@ -281,7 +281,7 @@ def make_steps(model, optimizer: optax.GradientTransformation, cfg: Config, stat
     if with_critic and critic is None:
         raise ValueError("run.algorithm=ppo: make_steps needs the critic (critic=CriticModel(decoder, optimizer))")
     # PPO's KL to the reference is in the rewards by default (ppo.kl_penalty=reward), not in the loss
-    loss_cfg = dataclasses.replace(grpo, beta=0.0) if with_critic and cfg.ppo.kl_penalty == "reward" else grpo
+    loss_cfg = dataclasses.replace(grpo, beta=0.0) if ppo.kl_in_reward(cfg) else grpo
     spec = lora.LoraSpec.from_config(cfg.model)
     mesh = _mesh_of(state_shardings)
     pin_rows = functools.partial(sharding.pin_rows, mesh=mesh)  # a micro-batch keeps its rows split over the mesh
